@@ -1,0 +1,94 @@
+//! The feed-forward blocks: the SwiGLU MLP (dense layers, experts, shared experts) and the
+//! DeepSeekMoE layer (design doc §5).
+//!
+//! The MoE layer routes every token of the step at once in f32, groups the (token, expert) pairs by
+//! expert, runs each chosen expert once over its rows and adds the weighted results back; the shared
+//! experts run over all rows with weight 1.
+
+use candle_core::{Device, Tensor};
+use mlaserve_kernels::routing::{route, RouterConfig};
+
+use crate::config::MoeConfig;
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// `down(silu(gate(x)) ⊙ up(x))`, with gate and up fused into one matmul.
+pub struct Mlp {
+    gate_up_t: Tensor,
+    down_t: Tensor,
+    width: usize,
+}
+
+impl Mlp {
+    pub fn new(w: &Weights, prefix: &str, hidden: usize, width: usize) -> Result<Self> {
+        let gate = w.get(&format!("{prefix}.gate_proj.weight"), &[width, hidden])?;
+        let up = w.get(&format!("{prefix}.up_proj.weight"), &[width, hidden])?;
+        let down = w.get(&format!("{prefix}.down_proj.weight"), &[hidden, width])?;
+        Ok(Mlp { gate_up_t: Tensor::cat(&[gate, up], 0)?.t()?.contiguous()?, down_t: down.t()?.contiguous()?, width })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = x.matmul(&self.gate_up_t)?;
+        let act =
+            (candle_nn::ops::silu(&gate_up.narrow(1, 0, self.width)?)? * gate_up.narrow(1, self.width, self.width)?)?;
+        Ok(act.matmul(&self.down_t)?)
+    }
+}
+
+pub struct Moe {
+    router: RouterConfig,
+    /// Router weight `[hidden, experts]`, f32 like the routing itself.
+    gate_t: Tensor,
+    correction_bias: Option<Vec<f32>>,
+    experts: Vec<Mlp>,
+    shared: Option<Mlp>,
+}
+
+impl Moe {
+    pub fn new(cfg: &MoeConfig, w: &Weights, prefix: &str, hidden: usize) -> Result<Self> {
+        let e = cfg.router.num_experts;
+        let experts = (0..e)
+            .map(|i| Mlp::new(w, &format!("{prefix}.experts.{i}"), hidden, cfg.moe_intermediate_size))
+            .collect::<Result<_>>()?;
+        let shared = match cfg.n_shared_experts {
+            0 => None,
+            n => Some(Mlp::new(w, &format!("{prefix}.shared_experts"), hidden, n * cfg.moe_intermediate_size)?),
+        };
+        let correction_bias = w
+            .get_opt(&format!("{prefix}.gate.e_score_correction_bias"), &[e])?
+            .map(|b| b.to_vec1::<f32>())
+            .transpose()?;
+        Ok(Moe {
+            router: cfg.router.clone(),
+            gate_t: w.get(&format!("{prefix}.gate.weight"), &[e, hidden])?.t()?.contiguous()?,
+            correction_bias,
+            experts,
+            shared,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        let logits = x.matmul(&self.gate_t)?.flatten_all()?.to_vec1::<f32>()?;
+        let routing = route(&self.router, &logits, self.correction_bias.as_deref());
+
+        let mut assigned: Vec<Vec<(u32, f32)>> = vec![Vec::new(); self.experts.len()];
+        for (i, (e, w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+            assigned[*e as usize].push(((i / routing.top_k) as u32, *w));
+        }
+        let mut out = match &self.shared {
+            Some(shared) => shared.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; tokens * hidden],
+        };
+        for (expert, rows) in self.experts.iter().zip(&assigned).filter(|(_, r)| !r.is_empty()) {
+            let idx: Vec<u32> = rows.iter().map(|(t, _)| *t).collect();
+            let ys = expert.forward(&x.index_select(&Tensor::from_vec(idx, rows.len(), &Device::Cpu)?, 0)?)?;
+            let ys = ys.flatten_all()?.to_vec1::<f32>()?;
+            for ((token, weight), y) in rows.iter().zip(ys.chunks_exact(hidden)) {
+                let dst = &mut out[*token as usize * hidden..][..hidden];
+                mlaserve_kernels::vector::axpy(*weight, y, dst);
+            }
+        }
+        Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?)
+    }
+}
