@@ -67,12 +67,13 @@ fn check_fixture(name: &str) {
         let steps = p.greedy.len();
         // (chunk size, block size): whole prompt at once; odd chunks over small blocks; token by token.
         for (chunk, block_size) in [(usize::MAX, 16), (7, 4), (1, 5)] {
+            let how = if chunk == usize::MAX { "at once".to_string() } else { format!("in chunks of {chunk}") };
             let (logits, greedy) = run(&model, &p.input_ids, chunk, steps, block_size);
             let err = max_abs_diff(&logits[..real], &p.last_logits[..real]);
-            eprintln!("{name}/{} chunk {chunk}: max-abs logit error {err:.2e}", p.name);
-            assert!(err < LOGIT_TOLERANCE, "{name}/{} chunk {chunk}: logits off by {err}", p.name);
+            eprintln!("{name}/{} {how}: max-abs logit error {err:.2e}", p.name);
+            assert!(err < LOGIT_TOLERANCE, "{name}/{} {how}: logits off by {err}", p.name);
             assert!(logits[real..].iter().all(|l| *l == f32::NEG_INFINITY), "{name}: padding ids not masked");
-            assert_eq!(greedy, p.greedy, "{name}/{} chunk {chunk}: greedy continuation", p.name);
+            assert_eq!(greedy, p.greedy, "{name}/{} {how}: greedy continuation", p.name);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `mlaserve`: the command line. `generate` runs one prompt through a model folder.
 
-mod generate;
+use mlaserve::generate;
 
 use clap::{Parser, Subcommand};
 
