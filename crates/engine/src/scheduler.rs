@@ -163,8 +163,8 @@ impl Scheduler {
             seq.num_computed += s.num_tokens;
             let full = seq.num_computed / bs;
             let hashes = seq.block_hashes(bs).to_vec();
-            for b in seq.num_registered..full {
-                self.blocks.register(seq.block_table[b], hashes[b], &seq.tokens[b * bs..(b + 1) * bs]);
+            for (b, hash) in hashes.iter().enumerate().take(full).skip(seq.num_registered) {
+                self.blocks.register(seq.block_table[b], *hash, &seq.tokens[b * bs..(b + 1) * bs]);
             }
             seq.num_registered = full;
         }

@@ -460,7 +460,7 @@ mod tests {
                         "{label}: differs from byte {at}\n  expected: {expected:?}\n  actual:   {actual:?}"
                     ));
                 }
-                (Err(e), None) => eprintln!("{label}: {e:#}"),
+                (Err(_), None) => {}
                 (Ok(actual), None) => {
                     failures.push(format!("{label}: expected error {}, rendered {actual:?}", case["expected_error"]))
                 }
