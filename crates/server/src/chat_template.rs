@@ -263,7 +263,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
 }
 
 /// Writes values as Python's `json.dumps` does.
-#[derive(Clone)]
+#[derive(Default)]
 struct PyJsonDumper {
     ensure_ascii: bool,
     sort_keys: bool,
@@ -288,7 +288,7 @@ impl PyJsonDumper {
             ValueKind::Map => {
                 let mut entries = value
                     .try_iter()?
-                    .map(|key| Ok((self.key(&key)?, value.get_item(&key)?)))
+                    .map(|key| Ok((Self::key(&key)?, value.get_item(&key)?)))
                     .collect::<Result<Vec<_>, Error>>()?;
                 if self.sort_keys {
                     entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -344,19 +344,19 @@ impl PyJsonDumper {
     }
 
     /// Python turns `int`, `float`, `bool` and `None` keys into their JSON text; other keys are an error.
-    fn key(&self, key: &Value) -> Result<String, Error> {
-        if let Some(s) = key.as_str() {
-            return Ok(s.to_owned());
+    fn key(key: &Value) -> Result<String, Error> {
+        match key.kind() {
+            ValueKind::String => Ok(key.as_str().unwrap_or_default().to_owned()),
+            ValueKind::Number | ValueKind::Bool | ValueKind::None => {
+                let mut text = PyJsonDumper::default();
+                text.value(key, 0)?;
+                Ok(text.out)
+            }
+            kind => Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: keys must be str, int, float, bool or None, not {kind}"),
+            )),
         }
-        if matches!(key.kind(), ValueKind::Number | ValueKind::Bool | ValueKind::None) {
-            let mut scalar = PyJsonDumper { out: String::new(), ..self.clone() };
-            scalar.value(key, 0)?;
-            return Ok(scalar.out);
-        }
-        Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!("tojson: keys must be str, int, float, bool or None, not {}", key.kind()),
-        ))
     }
 
     /// Python's `float.__repr__`: shortest round-trip digits, fixed notation for exponents -4..16 (with `.0` when
@@ -460,7 +460,9 @@ mod tests {
                         "{label}: differs from byte {at}\n  expected: {expected:?}\n  actual:   {actual:?}"
                     ));
                 }
-                (Err(_), None) => {}
+                // transformers fails with "UndefinedError: 'dict object' has no attribute 'content'".
+                (Err(e), None) if e.to_string().contains("undefined") => {}
+                (Err(e), None) => failures.push(format!("{label}: expected error {}, got {e}", case["expected_error"])),
                 (Ok(actual), None) => {
                     failures.push(format!("{label}: expected error {}, rendered {actual:?}", case["expected_error"]))
                 }
@@ -468,6 +470,12 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{} of {} cases fail:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    }
+
+    #[test]
+    fn is_shareable_between_request_handlers() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
     }
 
     #[test]
@@ -505,6 +513,7 @@ mod tests {
     #[test]
     fn tojson_matches_python_json_dumps() {
         let data = json!({"data": {"b": [1, 2.5, true, null], "a": "é\"<x>\n\u{1}😀", "f": 1e16, "g": 1e-5, "h": 3.0}});
+        // Expected strings are what Python's json.dumps prints for the same data.
         assert_eq!(
             render_str("{{ data | tojson }}", data.clone()).unwrap(),
             r#"{"a": "é\"<x>\n\u0001😀", "b": [1, 2.5, true, null], "f": 1e+16, "g": 1e-05, "h": 3.0}"#
@@ -518,6 +527,10 @@ mod tests {
             render_str("{{ {'z': 1, 'y': []} | tojson(separators=(',', ':'), sort_keys=true) }}", data).unwrap(),
             r#"{"y":[],"z":1}"#
         );
+        assert_eq!(
+            render_str("{{ {1: none, 2.5: false} | tojson }}", json!({})).unwrap(),
+            r#"{"1": null, "2.5": false}"#
+        );
     }
 
     #[test]
@@ -529,6 +542,6 @@ mod tests {
         );
         assert_eq!(strftime("%d %b %Y", 0).unwrap(), "01 Jan 1970");
         assert!(strftime("%Q", 0).is_err());
-        assert!(render_str("{{ strftime_now('%Y') }}", json!({})).unwrap().len() == 4);
+        assert_eq!(render_str("{{ strftime_now('%Y') }}", json!({})).unwrap().len(), 4);
     }
 }
