@@ -6,7 +6,7 @@
 //! [`RequestStream`]. Dropping the stream aborts the request: its blocks are freed at the next step.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -123,6 +123,8 @@ struct Submission {
 pub struct EngineHandle {
     tx: mpsc::Sender<Submission>,
     next_id: Arc<AtomicU64>,
+    /// Requests submitted and not yet finished or dropped.
+    active: Arc<AtomicUsize>,
     metrics: Arc<EngineMetrics>,
     max_model_len: usize,
 }
@@ -150,7 +152,9 @@ impl EngineHandle {
             block_size: cfg.block_size,
             prefix_caching: cfg.prefix_caching,
         });
+        let active = Arc::new(AtomicUsize::new(0));
         let engine = Engine {
+            active: active.clone(),
             model,
             cache,
             scheduler,
@@ -164,7 +168,7 @@ impl EngineHandle {
             .name("mlaserve-engine".into())
             .spawn(move || engine.run(rx))
             .map_err(|e| EngineError::Model(format!("cannot start the engine thread: {e}")))?;
-        Ok(EngineHandle { tx, next_id: Arc::new(AtomicU64::new(0)), metrics, max_model_len: cfg.max_model_len })
+        Ok(EngineHandle { tx, next_id: Arc::new(AtomicU64::new(0)), active, metrics, max_model_len: cfg.max_model_len })
     }
 
     pub fn metrics(&self) -> &EngineMetrics {
@@ -173,6 +177,15 @@ impl EngineHandle {
 
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
+    }
+
+    /// Requests submitted and not yet finished or abandoned.
+    pub fn num_active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.num_active() == 0
     }
 
     /// Queues a request; its outputs arrive on the returned stream.
@@ -185,7 +198,11 @@ impl EngineHandle {
         }
         let (tx, rx) = unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Submission { id, request, tx }).map_err(|_| EngineError::Stopped)?;
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(Submission { id, request, tx }).is_err() {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
         Ok(RequestStream { rx })
     }
 }
@@ -207,6 +224,7 @@ struct Engine {
     eos: Vec<u32>,
     max_model_len: usize,
     requests: HashMap<u64, RequestState>,
+    active: Arc<AtomicUsize>,
     metrics: Arc<EngineMetrics>,
 }
 
@@ -248,6 +266,7 @@ impl Engine {
         for id in gone {
             self.scheduler.remove(id);
             self.requests.remove(&id);
+            self.active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -315,6 +334,7 @@ impl Engine {
     ) -> Option<(Usage, UnboundedSender<Result<EngineEvent, EngineError>>)> {
         let seq = self.scheduler.remove(id);
         let state = self.requests.remove(&id)?;
+        self.active.fetch_sub(1, Ordering::SeqCst);
         match outcome {
             Err(e) => {
                 let _ = state.tx.send(Err(e));
