@@ -5,7 +5,9 @@
 //! in through an [`EngineHandle`], and each request's outputs come back on its own
 //! [`RequestStream`]. Dropping the stream aborts the request: its blocks are freed at the next step.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::detokenizer::{Detokenizer, StopStrings};
 use crate::metrics::EngineMetrics;
 use crate::sampler::{Sampler, SamplingParams, TokenLogprob};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Schedule, Scheduler, SchedulerConfig};
 use crate::sequence::Sequence;
 
 #[derive(Clone, Debug)]
@@ -275,26 +277,30 @@ impl Engine {
         if schedule.seqs.is_empty() {
             return;
         }
-        let logits = match self.model.forward(&schedule.batch, &mut self.cache) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("forward failed: {e}");
-                for s in &schedule.seqs {
-                    self.finish(s.seq_id, Err(EngineError::Model(e.to_string())));
-                }
-                return;
-            }
+        // A panic is contained to the requests it concerns: the whole batch for the forward pass,
+        // one request for its sampling; the engine keeps serving the others.
+        let forward = catch_unwind(AssertUnwindSafe(|| self.model.forward(&schedule.batch, &mut self.cache)));
+        let logits = match forward {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return self.fail_batch(&schedule, e.to_string()),
+            Err(panic) => return self.fail_batch(&schedule, panic_message(&panic)),
         };
         self.scheduler.update(&schedule);
         for (row, s) in schedule.seqs.iter().enumerate().filter(|(_, s)| s.samples) {
-            let logits: Vec<f32> = match logits.get(row).and_then(|l| l.to_vec1()) {
-                Ok(l) => l,
-                Err(e) => {
-                    self.finish(s.seq_id, Err(EngineError::Model(e.to_string())));
-                    continue;
-                }
-            };
-            self.emit_next_token(s.seq_id, &logits);
+            let sampled = logits.get(row).and_then(|l| l.to_vec1::<f32>()).map_err(|e| e.to_string()).and_then(|l| {
+                catch_unwind(AssertUnwindSafe(|| self.emit_next_token(s.seq_id, &l))).map_err(|p| panic_message(&p))
+            });
+            if let Err(message) = sampled {
+                tracing::error!("request {} failed: {message}", s.seq_id);
+                self.finish(s.seq_id, Err(EngineError::Model(message)));
+            }
+        }
+    }
+
+    fn fail_batch(&mut self, schedule: &Schedule, message: String) {
+        tracing::error!("forward failed: {message}");
+        for s in &schedule.seqs {
+            self.finish(s.seq_id, Err(EngineError::Model(message.clone())));
         }
     }
 
@@ -360,4 +366,9 @@ impl Engine {
         m.preemptions_total.store(self.scheduler.preemptions, Ordering::Relaxed);
         m.prefix_cache_hit_tokens_total.store(self.scheduler.prefix_hit_tokens, Ordering::Relaxed);
     }
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> String {
+    let text = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+    format!("panicked: {}", text.unwrap_or_else(|| "unknown cause".into()))
 }

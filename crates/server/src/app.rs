@@ -8,6 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::CorsLayer;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -36,13 +37,12 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(state.clone(), count_and_limit))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(CatchPanicLayer::custom(ApiError::from_panic))
         .layer(CorsLayer::permissive())
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-                tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
+        }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, NextRequestId))
         .with_state(state)
@@ -102,4 +102,3 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.metrics.render(engine.as_ref().map(|s| s.engine.metrics()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
-

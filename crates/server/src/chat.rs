@@ -14,7 +14,9 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::extract::JsonBody;
-use crate::output::{chat_logprob, finish_reason, merge, request_id, sse_error, sse_json, unix_now, Timer, UsageTotals};
+use crate::output::{
+    chat_logprob, finish_reason, merge, request_id, sse_error, sse_json, unix_now, Timer, UsageTotals,
+};
 use crate::protocol::{ChatCompletionRequest, ChatMessage, GenerationFields, MessageContent};
 use crate::reasoning::{ReasoningParser, Split};
 use crate::state::{AppState, Serving};
@@ -36,7 +38,10 @@ pub async fn chat_completions(State(state): State<AppState>, body: JsonBody) -> 
 
     let top_logprobs = req.top_logprobs.unwrap_or(0);
     if !(0..=MAX_TOP_LOGPROBS).contains(&top_logprobs) {
-        return Err(ApiError::invalid("top_logprobs", format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}.")));
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}."),
+        ));
     }
     if top_logprobs > 0 && req.logprobs != Some(true) {
         return Err(ApiError::invalid("top_logprobs", "`top_logprobs` requires `logprobs` to be true."));
@@ -72,7 +77,9 @@ fn render_prompt(serving: &Serving, req: &ChatCompletionRequest) -> Result<ChatP
         return Err(ApiError::invalid("messages", "`messages` must hold at least one message."));
     }
     let template = serving.template.as_ref().ok_or_else(|| {
-        ApiError::bad_request("This model has no chat template; start the server with --chat-template or use /v1/completions.")
+        ApiError::bad_request(
+            "This model has no chat template; start the server with --chat-template or use /v1/completions.",
+        )
     })?;
     let messages = req.messages.iter().enumerate().map(|(i, m)| message_json(i, m)).collect::<Result<Vec<_>, _>>()?;
     let mut extra = req.chat_template_kwargs.clone().unwrap_or_default();
@@ -200,7 +207,7 @@ impl ChatResponse {
             }
             let mut parsers: Vec<_> = (0..n).map(|_| self.parser()).collect();
             let mut usage = UsageTotals::default();
-            let mut events = merge(streams);
+            let mut events = std::pin::pin!(merge(streams, self.timer.start + self.state.settings.request_timeout));
             let mut status = 200;
             while let Some((i, event)) = events.next().await {
                 match event {
@@ -224,7 +231,7 @@ impl ChatResponse {
                         yield Ok(sse_json(&self.chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(f.reason)}]))));
                     }
                     Err(e) => {
-                        status = 500;
+                        status = e.status.as_u16();
                         yield Ok(sse_error(e));
                         break;
                     }
@@ -248,7 +255,7 @@ impl ChatResponse {
         let mut logprobs: Vec<Vec<Value>> = vec![Vec::new(); n];
         let mut reasons = vec![None; n];
         let mut usage = UsageTotals::default();
-        let mut events = merge(streams);
+        let mut events = std::pin::pin!(merge(streams, self.timer.start + self.state.settings.request_timeout));
         while let Some((i, event)) = events.next().await {
             let (text, last) = match event? {
                 EngineEvent::Token(t) => {
@@ -279,7 +286,9 @@ impl ChatResponse {
                 json!({"index": i, "message": self.message(split, true, false), "logprobs": logprobs, "finish_reason": reason})
             })
             .collect();
-        Ok(json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.serving.model_name,
-                  "choices": choices, "usage": usage.json()}))
+        Ok(
+            json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.serving.model_name,
+                  "choices": choices, "usage": usage.json()}),
+        )
     }
 }

@@ -33,7 +33,12 @@ pub async fn completions(State(state): State<AppState>, body: JsonBody) -> Resul
     let logprobs = match req.logprobs {
         None => None,
         Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Some(k as usize),
-        Some(k) => return Err(ApiError::invalid("logprobs", format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}."))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}."),
+            ))
+        }
     };
     let max_model_len = serving.engine.max_model_len();
     let limits = Limits { max_model_len, vocab_size: serving.vocab_size, defaults: &serving.defaults };
@@ -55,7 +60,9 @@ pub async fn completions(State(state): State<AppState>, body: JsonBody) -> Resul
         timer,
     };
     if generation.stream {
-        Ok(Sse::new(response.stream(streams, generation.include_usage)).keep_alive(KeepAlive::default()).into_response())
+        Ok(Sse::new(response.stream(streams, generation.include_usage))
+            .keep_alive(KeepAlive::default())
+            .into_response())
     } else {
         Ok(Json(response.collect(streams).await?).into_response())
     }
@@ -122,12 +129,16 @@ impl CompletionResponse {
                "choices": choices})
     }
 
-    fn stream(mut self, streams: Vec<RequestStream>, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+    fn stream(
+        mut self,
+        streams: Vec<RequestStream>,
+        include_usage: bool,
+    ) -> impl Stream<Item = Result<Event, Infallible>> + Send {
         async_stream::stream! {
             let metrics = self.state.metrics.clone();
             let mut usage = UsageTotals::default();
             let mut offsets = vec![0usize; streams.len()];
-            let mut events = merge(streams);
+            let mut events = std::pin::pin!(merge(streams, self.timer.start + self.state.settings.request_timeout));
             while let Some((i, event)) = events.next().await {
                 let (text, logprobs, reason) = match event {
                     Ok(EngineEvent::Token(t)) => {
@@ -168,7 +179,7 @@ impl CompletionResponse {
         let mut logprobs: Vec<Logprobs> = (0..count).map(|_| Logprobs::default()).collect();
         let mut reasons = vec![None; count];
         let mut usage = UsageTotals::default();
-        let mut events = merge(streams);
+        let mut events = std::pin::pin!(merge(streams, self.timer.start + self.state.settings.request_timeout));
         while let Some((i, event)) = events.next().await {
             match event? {
                 EngineEvent::Token(t) => {

@@ -62,7 +62,13 @@ impl ApiError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, message: message.into(), kind: "invalid_request_error", param: None, code: None }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
     }
 
     pub fn method_not_allowed() -> Self {
@@ -93,6 +99,21 @@ impl ApiError {
             param: None,
             code: Some("service_unavailable"),
         }
+    }
+
+    pub fn timeout() -> Self {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: "The request took longer than the server's request timeout.".into(),
+            kind: "timeout_error",
+            param: None,
+            code: Some("timeout"),
+        }
+    }
+
+    /// 500 for a panic caught while handling a request.
+    pub fn from_panic(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+        ApiError::internal("a request handler panicked").into_response()
     }
 
     /// 500; `detail` goes to the log, not to the client.

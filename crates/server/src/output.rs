@@ -4,19 +4,36 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::response::sse::Event;
-use futures_util::stream::{self, select_all, Stream};
-use mlaserve_engine::{EngineError, EngineEvent, FinishReason, RequestStream, TokenEvent, Usage};
+use futures_util::stream::{self, select_all, Stream, StreamExt};
+use mlaserve_engine::{EngineEvent, FinishReason, RequestStream, TokenEvent, Usage};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
 use crate::error::ApiError;
 use crate::metrics::HttpMetrics;
 
-/// The events of several choices as one stream of `(choice index, event)`.
-pub fn merge(streams: Vec<RequestStream>) -> impl Stream<Item = (usize, Result<EngineEvent, EngineError>)> + Send {
-    select_all(streams.into_iter().enumerate().map(|(i, s)| {
-        Box::pin(stream::unfold(s, move |mut s| async move { s.next().await.map(|e| ((i, e), s)) }))
-    }))
+/// The events of several choices as one stream of `(choice index, event)`, cut off with a
+/// timeout error at `deadline` (dropping the streams aborts the requests in the engine).
+pub fn merge(
+    streams: Vec<RequestStream>,
+    deadline: Instant,
+) -> impl Stream<Item = (usize, Result<EngineEvent, ApiError>)> + Send {
+    let mut all =
+        select_all(streams.into_iter().enumerate().map(|(i, s)| {
+            Box::pin(stream::unfold(s, move |mut s| async move { s.next().await.map(|e| ((i, e), s)) }))
+        }));
+    async_stream::stream! {
+        loop {
+            match tokio::time::timeout_at(deadline.into(), all.next()).await {
+                Ok(Some((i, event))) => yield (i, event.map_err(ApiError::from)),
+                Ok(None) => break,
+                Err(_) => {
+                    yield (0, Err(ApiError::timeout()));
+                    break;
+                }
+            }
+        }
+    }
 }
 
 pub fn finish_reason(r: FinishReason) -> &'static str {
@@ -83,7 +100,7 @@ impl UsageTotals {
 
 /// Times one request for the latency histograms.
 pub struct Timer {
-    start: Instant,
+    pub start: Instant,
     first: Option<Instant>,
     tokens: usize,
 }
@@ -119,6 +136,6 @@ pub fn sse_json(v: &Value) -> Event {
 }
 
 /// The SSE event that reports an error in the middle of a stream.
-pub fn sse_error(e: EngineError) -> Event {
-    sse_json(&ApiError::from(e).body())
+pub fn sse_error(e: ApiError) -> Event {
+    sse_json(&e.body())
 }

@@ -25,7 +25,12 @@ pub struct ReasoningParser {
 impl ReasoningParser {
     /// `prompt_opens_reasoning`: the prompt ends inside an open `<think>` block.
     pub fn new(prompt_opens_reasoning: bool) -> Self {
-        ReasoningParser { at_start: true, in_reasoning: prompt_opens_reasoning, answer_started: false, held: String::new() }
+        ReasoningParser {
+            at_start: true,
+            in_reasoning: prompt_opens_reasoning,
+            answer_started: false,
+            held: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> Split {

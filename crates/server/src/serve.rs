@@ -68,6 +68,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Seconds a request may take before it is cut off with a timeout error.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
@@ -100,6 +103,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         reasoning_field: args.reasoning_field,
         max_queue: args.max_queue,
         body_limit: args.max_body_bytes,
+        request_timeout: Duration::from_secs(args.request_timeout),
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -157,7 +161,10 @@ fn load(dir: &Path, args: &ServeArgs) -> anyhow::Result<Serving> {
     anyhow::ensure!(args.block_size > 0, "--block-size must be positive");
     let wanted_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings);
     if wanted_len > cfg.max_position_embeddings {
-        bail!("--max-model-len {wanted_len} exceeds the model's max_position_embeddings {}", cfg.max_position_embeddings);
+        bail!(
+            "--max-model-len {wanted_len} exceeds the model's max_position_embeddings {}",
+            cfg.max_position_embeddings
+        );
     }
     let cache_bytes = match &args.kv_cache_memory {
         Some(text) => parse_bytes(text)?,
@@ -181,14 +188,18 @@ fn load(dir: &Path, args: &ServeArgs) -> anyhow::Result<Serving> {
     );
 
     let template_source = match &args.chat_template {
-        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("--chat-template {}", path.display()))?),
+        Some(path) => {
+            Some(std::fs::read_to_string(path).with_context(|| format!("--chat-template {}", path.display()))?)
+        }
         None => checkpoint.tokenizer_config.as_ref().and_then(template_from_config),
     };
     let special = |name: &str| {
         let v = checkpoint.tokenizer_config.as_ref().and_then(|c| c.get(name).cloned());
         match v {
             Some(serde_json::Value::String(s)) => s,
-            Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+            Some(serde_json::Value::Object(o)) => {
+                o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string()
+            }
             _ => String::new(),
         }
     };
@@ -219,7 +230,10 @@ fn load(dir: &Path, args: &ServeArgs) -> anyhow::Result<Serving> {
         },
     )?;
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
-        dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or("model".into())
+        dir.canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or("model".into())
     });
     Ok(Serving {
         engine,

@@ -51,6 +51,7 @@ pub struct Settings {
     pub reasoning_field: ReasoningField,
     pub max_queue: usize,
     pub body_limit: usize,
+    pub request_timeout: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -89,11 +90,14 @@ impl AppState {
         if self.draining.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("The server is shutting down."));
         }
-        let serving = self.serving.get().cloned().ok_or_else(|| ApiError::unavailable("The model is still loading."))?;
+        let serving =
+            self.serving.get().cloned().ok_or_else(|| ApiError::unavailable("The model is still loading."))?;
         let running = serving.engine.metrics().requests_running.load(Ordering::Relaxed) as usize;
         let waiting = serving.engine.num_active().saturating_sub(running);
         if waiting >= self.settings.max_queue {
-            return Err(ApiError::unavailable(format!("The server is overloaded ({waiting} requests waiting); retry later.")));
+            return Err(ApiError::unavailable(format!(
+                "The server is overloaded ({waiting} requests waiting); retry later."
+            )));
         }
         Ok(serving)
     }

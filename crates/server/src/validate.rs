@@ -72,7 +72,10 @@ pub fn generation(
             ApiError::invalid("logit_bias", format!("`logit_bias` key `{key}` is not a token id of this model."))
         })?;
         if !(-100.0..=100.0).contains(bias) {
-            return Err(ApiError::invalid("logit_bias", format!("`logit_bias` values must be between -100 and 100, got {bias}.")));
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` values must be between -100 and 100, got {bias}."),
+            ));
         }
         logit_bias.push((id, *bias));
     }
