@@ -278,7 +278,7 @@ pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
         "tib" => 1024f64.powi(4),
         other => bail!("unknown size unit `{other}` in `{text}`"),
     };
-    if !(number >= 0.0) {
+    if number.is_nan() || number < 0.0 {
         bail!("invalid size `{text}`");
     }
     Ok((number * scale) as u64)
