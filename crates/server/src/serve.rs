@@ -97,7 +97,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.dtype == Dtype::Bfloat16 {
         bail!("--dtype bfloat16: the CPU backend computes in float32 only (use auto or float32)");
     }
-    let model_dir = args.model.clone().context("no --model given: pass a Hugging Face model folder")?;
+    let (model_dir, demo) = match args.model.clone() {
+        Some(dir) => (dir, false),
+        None => (demo_model_dir().context(
+            "no --model given and the demo model was not found: pass a Hugging Face model folder, \
+             or set MLASERVE_DEMO_MODEL to the repository's models/mlaserve-demo",
+        )?, true),
+    };
+    let mut args = args;
+    if demo && args.served_model_name.is_none() {
+        args.served_model_name = Some(DEMO_MODEL_NAME.into());
+    }
     let state = AppState::new(Settings {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         reasoning_field: args.reasoning_field,
@@ -149,6 +159,25 @@ async fn drain_on_signal(state: AppState, grace: Duration) {
     while state.loaded().is_some_and(|s| !s.engine.is_idle()) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Name the built-in demo model is served under.
+pub const DEMO_MODEL_NAME: &str = "mlaserve-demo";
+
+/// The demo model shipped beside the binary: `$MLASERVE_DEMO_MODEL`, the installed layout
+/// `<bin>/../share/mlaserve/models/mlaserve-demo` (the container image), or the source tree's
+/// `models/mlaserve-demo` (`cargo run`).
+pub fn demo_model_dir() -> Option<PathBuf> {
+    let installed = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|bin| bin.join("../share/mlaserve/models").join(DEMO_MODEL_NAME)));
+    let source_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(DEMO_MODEL_NAME);
+    std::env::var_os("MLASERVE_DEMO_MODEL")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(installed)
+        .chain([source_tree])
+        .find(|dir| dir.join("config.json").is_file())
 }
 
 /// Opens the checkpoint, sizes the latent cache and starts the engine.
