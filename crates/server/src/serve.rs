@@ -99,10 +99,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let (model_dir, demo) = match args.model.clone() {
         Some(dir) => (dir, false),
-        None => (demo_model_dir().context(
-            "no --model given and the demo model was not found: pass a Hugging Face model folder, \
+        None => (
+            demo_model_dir().context(
+                "no --model given and the demo model was not found: pass a Hugging Face model folder, \
              or set MLASERVE_DEMO_MODEL to the repository's models/mlaserve-demo",
-        )?, true),
+            )?,
+            true,
+        ),
     };
     let mut args = args;
     if demo && args.served_model_name.is_none() {
