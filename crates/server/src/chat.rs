@@ -49,9 +49,14 @@ pub async fn chat_completions(State(state): State<AppState>, body: JsonBody) -> 
     let logprobs = (req.logprobs == Some(true)).then_some(top_logprobs as usize);
     let max_model_len = serving.engine.max_model_len();
     let limits = Limits { max_model_len, vocab_size: serving.vocab_size, defaults: &serving.defaults };
-    let generation = validate::generation(&fields, req.max_completion_tokens.or(fields.max_tokens), logprobs, &limits)?;
+    let max_tokens = match req.max_completion_tokens {
+        Some(m) => ("max_completion_tokens", Some(m)),
+        None => ("max_tokens", fields.max_tokens),
+    };
+    let generation = validate::generation(&fields, "messages", max_tokens, logprobs, &limits)?;
 
     let prompt = render_prompt(&serving, &req)?;
+    state.admit(&serving, generation.n)?;
     let streams = (0..generation.n)
         .map(|i| Ok(serving.engine.submit(generation.request(&prompt.ids, i, max_model_len)?)?))
         .collect::<Result<Vec<RequestStream>, ApiError>>()?;

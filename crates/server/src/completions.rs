@@ -16,7 +16,7 @@ use crate::extract::JsonBody;
 use crate::output::{finish_reason, merge, request_id, sse_error, sse_json, token_text, unix_now, Timer, UsageTotals};
 use crate::protocol::{CompletionRequest, GenerationFields, Prompt};
 use crate::state::{AppState, Serving};
-use crate::validate::{self, Limits};
+use crate::validate::{self, Limits, MAX_N};
 
 /// OpenAI's limit on `logprobs` for text completions.
 const MAX_LOGPROBS: i64 = 5;
@@ -42,9 +42,16 @@ pub async fn completions(State(state): State<AppState>, body: JsonBody) -> Resul
     };
     let max_model_len = serving.engine.max_model_len();
     let limits = Limits { max_model_len, vocab_size: serving.vocab_size, defaults: &serving.defaults };
-    let generation = validate::generation(&fields, fields.max_tokens, logprobs, &limits)?;
+    let generation = validate::generation(&fields, "prompt", ("max_tokens", fields.max_tokens), logprobs, &limits)?;
 
     let prompts = tokenize(&serving, req.prompt)?;
+    if (prompts.len() * generation.n) as i64 > MAX_N {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("A request may ask for at most {MAX_N} completions in all (prompts × n)."),
+        ));
+    }
+    state.admit(&serving, prompts.len() * generation.n)?;
     let mut streams = Vec::with_capacity(prompts.len() * generation.n);
     for prompt in &prompts {
         for i in 0..generation.n {

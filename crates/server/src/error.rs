@@ -37,8 +37,9 @@ impl ApiError {
         }
     }
 
-    pub fn context_length(message: impl Into<String>) -> Self {
-        ApiError { code: Some("context_length_exceeded"), ..Self::invalid("messages", message) }
+    /// 400 for a prompt that does not fit the context; `param` is `messages` or `prompt`.
+    pub fn context_length(param: &str, message: impl Into<String>) -> Self {
+        ApiError { code: Some("context_length_exceeded"), ..Self::invalid(param, message) }
     }
 
     pub fn unauthorized() -> Self {
@@ -137,7 +138,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::EmptyPrompt => ApiError::invalid("prompt", e.to_string()),
-            EngineError::PromptTooLong { .. } => ApiError::context_length(e.to_string()),
+            EngineError::PromptTooLong { .. } => ApiError::context_length("prompt", e.to_string()),
             EngineError::Stopped => ApiError::unavailable("The engine is not running."),
             EngineError::CacheTooSmall { .. } | EngineError::Model(_) => ApiError::internal(e),
         }

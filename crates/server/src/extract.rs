@@ -39,7 +39,11 @@ impl JsonBody {
             let path = e.path().to_string();
             let message = e.inner().to_string();
             if path == "." {
-                ApiError::bad_request(message)
+                // serde names a missing field only in its message: "missing field `messages`".
+                match message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+                    Some(field) => ApiError::invalid(field, format!("`{field}` is required.")),
+                    None => ApiError::bad_request(message),
+                }
             } else {
                 ApiError::invalid(path.clone(), format!("Invalid value for `{path}`: {message}"))
             }

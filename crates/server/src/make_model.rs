@@ -19,11 +19,10 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use clap::ValueEnum;
-use half::bf16;
 use mlaserve_model::config::HfConfig;
 use mlaserve_model::Config;
 use rand::rngs::StdRng;
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use safetensors::{Dtype, View};
 use serde_json::{json, Value};
@@ -457,20 +456,40 @@ fn generate(n: usize, dtype: Dtype, init: Init, seed: u64, std: f32) -> Vec<u8> 
     };
     let mut bytes = vec![0u8; n * width];
     bytes.par_chunks_mut(CHUNK * width).enumerate().for_each(|(chunk, out)| {
-        let mut rng = StdRng::seed_from_u64(mix(seed ^ mix(chunk as u64 + 1)));
-        let mut next = || match init {
-            Init::Ones => 1.0,
+        let mut values = vec![0f32; out.len() / width];
+        if init == Init::Ones {
+            values.fill(1.0);
+        } else {
+            let mut bits = vec![0u32; values.len()];
+            StdRng::seed_from_u64(mix(seed ^ mix(chunk as u64 + 1))).fill(&mut bits[..]);
             // 24 random bits → [0, 1) → [−a, a).
-            _ => ((rng.next_u32() >> 8) as f32 * (2.0 / (1u32 << 24) as f32) - 1.0) * amplitude,
-        };
+            let scale = 2.0 * amplitude / (1u32 << 24) as f32;
+            for (v, b) in values.iter_mut().zip(&bits) {
+                *v = (b >> 8) as f32 * scale - amplitude;
+            }
+        }
         match dtype {
             Dtype::BF16 => {
-                out.chunks_exact_mut(2).for_each(|d| d.copy_from_slice(&bf16::from_f32(next()).to_le_bytes()))
+                for (d, v) in out.chunks_exact_mut(2).zip(&values) {
+                    d.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+                }
             }
-            _ => out.chunks_exact_mut(4).for_each(|d| d.copy_from_slice(&next().to_le_bytes())),
+            _ => {
+                for (d, v) in out.chunks_exact_mut(4).zip(&values) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+            }
         }
     });
     bytes
+}
+
+/// bf16 of a finite f32, rounded to nearest even (what `half::bf16::from_f32` does, without its
+/// NaN branch, so the loop vectorises).
+#[inline]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// SplitMix64's finaliser.
@@ -519,6 +538,13 @@ fn write_weights(dir: &Path, specs: &[TensorSpec], opts: &WeightOptions) -> anyh
         let views = tensors[range.clone()].iter().map(|t| (t.spec.name.as_str(), t));
         safetensors::serialize_to_file(views, metadata.clone(), &path)
             .with_context(|| format!("writing {}", path.display()))?;
+        // The writer goes through a private temporary file: make the weights readable like a download.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .with_context(|| format!("setting the permissions of {}", path.display()))?;
+        }
         tracing::info!("{file}: {} tensors, {:.2} GB in {:.1?}", range.len(), shard_bytes as f64 / 1e9, t0.elapsed());
         for t in &tensors[range.clone()] {
             weight_map.insert(t.spec.name.clone(), Value::String(file.clone()));
@@ -536,6 +562,7 @@ fn write_weights(dir: &Path, specs: &[TensorSpec], opts: &WeightOptions) -> anyh
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
     use mlaserve_model::{argmax, Checkpoint, SingleSequence};
 
     fn temp_dir(name: &str) -> PathBuf {
@@ -606,6 +633,9 @@ mod tests {
         assert!(xs.iter().all(|x| x.abs() <= 0.02 * 3f32.sqrt()));
         assert_eq!(bytes, generate(300_000, Dtype::F32, Init::Random, 7, 0.02));
         assert_ne!(bytes, generate(300_000, Dtype::F32, Init::Random, 8, 0.02));
+        for x in [0.0, -0.0, 1.0, 0.0123, -0.034, 1.0 + 1.0 / 256.0, 3.0e-39, 65504.5] {
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x}");
+        }
         let ones = generate(10, Dtype::BF16, Init::Ones, 7, 0.02);
         assert!(ones.chunks_exact(2).all(|b| bf16::from_le_bytes([b[0], b[1]]) == bf16::ONE));
     }

@@ -46,8 +46,7 @@ pub struct GenerationFields {
     pub n: Option<i64>,
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
-    #[serde(default)]
-    pub stream: bool,
+    pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// Accepted and ignored, as the OpenAI API uses it only for abuse monitoring.
     pub user: Option<String>,

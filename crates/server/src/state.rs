@@ -92,14 +92,20 @@ impl AppState {
         }
         let serving =
             self.serving.get().cloned().ok_or_else(|| ApiError::unavailable("The model is still loading."))?;
+        self.admit(&serving, 1)?;
+        Ok(serving)
+    }
+
+    /// Bounded admission: 503 when `sequences` more would push the queue past `--max-queue`.
+    pub fn admit(&self, serving: &Serving, sequences: usize) -> Result<(), ApiError> {
         let running = serving.engine.metrics().requests_running.load(Ordering::Relaxed) as usize;
         let waiting = serving.engine.num_active().saturating_sub(running);
-        if waiting >= self.settings.max_queue {
+        if waiting + sequences > self.settings.max_queue {
             return Err(ApiError::unavailable(format!(
                 "The server is overloaded ({waiting} requests waiting); retry later."
             )));
         }
-        Ok(serving)
+        Ok(())
     }
 
     pub fn loaded(&self) -> Option<Arc<Serving>> {

@@ -8,7 +8,7 @@ use mlaserve_model::GenerationConfig;
 use crate::error::ApiError;
 use crate::protocol::{GenerationFields, StringOrList};
 
-/// Most choices one request may ask for.
+/// Most choices one request may ask for, over all its prompts.
 pub const MAX_N: i64 = 128;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 const MAX_STOPS: usize = 16;
@@ -16,6 +16,8 @@ const MAX_STOPS: usize = 16;
 /// What the engine needs besides the prompt, checked once per request.
 pub struct Generation {
     pub n: usize,
+    /// Names the prompt in errors: `messages` or `prompt`.
+    pub prompt_param: &'static str,
     pub stream: bool,
     pub include_usage: bool,
     pub template: GenerateRequest,
@@ -36,14 +38,17 @@ fn in_range(param: &str, value: Option<f32>, lo: f32, hi: f32) -> Result<(), Api
     }
 }
 
-/// Validates the shared fields. `max_tokens` is the request's (chat may name it
+/// Validates the shared fields. `prompt_param` names the prompt in errors (`messages` or
+/// `prompt`); `max_tokens` is the request's limit with the field it came from (chat may say
 /// `max_completion_tokens`); `logprobs` the number of alternatives wanted, if any.
 pub fn generation(
     f: &GenerationFields,
-    max_tokens: Option<i64>,
+    prompt_param: &'static str,
+    max_tokens: (&'static str, Option<i64>),
     logprobs: Option<usize>,
     limits: &Limits,
 ) -> Result<Generation, ApiError> {
+    let (max_tokens_param, max_tokens) = max_tokens;
     in_range("temperature", f.temperature, 0.0, 2.0)?;
     in_range("top_p", f.top_p, 0.0, 1.0)?;
     in_range("min_p", f.min_p, 0.0, 1.0)?;
@@ -60,7 +65,7 @@ pub fn generation(
         return Err(ApiError::invalid("n", format!("`n` must be between 1 and {MAX_N}, got {n}.")));
     }
     if let Some(m) = max_tokens.filter(|m| *m < 1) {
-        return Err(ApiError::invalid("max_tokens", format!("`max_tokens` must be at least 1, got {m}.")));
+        return Err(ApiError::invalid(max_tokens_param, format!("`{max_tokens_param}` must be at least 1, got {m}.")));
     }
     let stop = f.stop.as_ref().map(StringOrList::to_vec).unwrap_or_default();
     if stop.len() > MAX_STOPS || stop.iter().any(|s| s.is_empty()) {
@@ -79,6 +84,10 @@ pub fn generation(
         }
         logit_bias.push((id, *bias));
     }
+    let stop_token_ids = f.stop_token_ids.clone().unwrap_or_default();
+    if let Some(bad) = stop_token_ids.iter().find(|id| **id as usize >= limits.vocab_size) {
+        return Err(ApiError::invalid("stop_token_ids", format!("Token id {bad} is out of the vocabulary.")));
+    }
     let d = limits.defaults;
     let sampling = SamplingParams {
         temperature: f.temperature.or(d.temperature).unwrap_or(1.0),
@@ -94,13 +103,14 @@ pub fn generation(
     };
     Ok(Generation {
         n: n as usize,
-        stream: f.stream,
+        prompt_param,
+        stream: f.stream.unwrap_or(false),
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
         template: GenerateRequest {
             prompt: Vec::new(),
             sampling,
             max_tokens: max_tokens.map_or(usize::MAX, |m| m as usize),
-            stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+            stop_token_ids,
             stop,
             ignore_eos: f.ignore_eos.unwrap_or(false),
             skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
@@ -114,14 +124,17 @@ impl Generation {
     pub fn request(&self, prompt: &[u32], choice: usize, max_model_len: usize) -> Result<GenerateRequest, ApiError> {
         let room = max_model_len.saturating_sub(prompt.len());
         if room == 0 {
-            return Err(ApiError::context_length(format!(
+            return Err(ApiError::context_length(
+                self.prompt_param,
+                format!(
                 "This model's maximum context length is {max_model_len} tokens. However, your prompt has {} tokens.",
                 prompt.len()
-            )));
+            ),
+            ));
         }
         let requested = self.template.max_tokens;
         if requested != usize::MAX && requested > room {
-            return Err(ApiError::context_length(format!(
+            return Err(ApiError::context_length(self.prompt_param, format!(
                 "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({} in the prompt, {requested} for the completion). Please reduce the prompt or max_tokens.",
                 prompt.len() + requested,
                 prompt.len()
