@@ -38,7 +38,9 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check(fields: &GenerationFields, max_tokens: Option<i64>, logprobs: Option<usize>, limits: &Limits) {
-    let Ok(generation) = validate::generation(fields, max_tokens, logprobs, limits) else { return };
+    let Ok(generation) = validate::generation(fields, "prompt", ("max_tokens", max_tokens), logprobs, limits) else {
+        return;
+    };
     assert!((1..=validate::MAX_N as usize).contains(&generation.n));
     for len in [1, 7, MAX_MODEL_LEN - 1, MAX_MODEL_LEN, MAX_MODEL_LEN + 1] {
         let prompt = vec![1u32; len];
