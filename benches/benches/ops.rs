@@ -8,7 +8,7 @@
 //! weight row read once from memory and dotted with every activation row while those sit in L1/L2,
 //! output rows split over the cores) — the bound a decode-shaped matmul could reach, for comparison.
 //!
-//! `cargo bench -p mlaserve-benches --bench ops [-- --batches 1,2,4,16,64 --iters 20]`
+//! `cargo bench -p mlaserve-benches --bench ops [-- --batches 1,2,4,16,64 --iters 20 --only SUBSTRING]`
 
 use std::time::{Duration, Instant};
 
@@ -140,7 +140,8 @@ fn time_op(inp: usize, out: usize, layout: &Layout, batch: usize, iters: usize) 
             }
         })
     };
-    for i in 0..n.min(4) {
+    // Every copy once: first-touch, and QMatMul repacks its weight on the first call.
+    for i in 0..n {
         run(i)?;
     }
     let mut times = Vec::with_capacity(iters);
@@ -157,6 +158,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
     let batches = args.list("batches", &[1, 2, 4, 16, 64])?;
     let iters: usize = args.get("iters", 20)?;
+    let only: String = args.get("only", String::new())?;
     print_machine();
     check_streamed()?;
     // (name, in, out, layout, calls per step of a V2-Lite MoE layer or the head)
@@ -184,7 +186,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!("|---|---:|{}", "---:|".repeat(batches.len()));
-    for (name, inp, out, layout) in &ops {
+    for (name, inp, out, layout) in ops.iter().filter(|op| op.0.contains(&only)) {
         // Bytes the op streams: f32, or Q8_0's 34 bytes per 32 weights.
         let mb = match layout {
             Layout::Q8 => (inp * out / 32 * 34) as f64 / 1e6,
