@@ -466,14 +466,15 @@ def write_model_files(folder: Path, tok_json: str, chat_template: str):
 # ----------------------------------------------------------------------------------------------
 # transformers model <-> checkpoint tensors
 # ----------------------------------------------------------------------------------------------
-def build_hf_model(folder: Path):
+def build_hf_model(folder: Path, experts: str = "eager"):
     """DeepseekV3ForCausalLM (random init) from the hub-format config.json in `folder`, checked against
-    the design doc's YaRN formulas."""
+    the design doc's YaRN formulas. `experts`: transformers' experts implementation (same math; training
+    uses "grouped_mm", which is faster on CPU than the per-expert loop)."""
     import torch
     from transformers import AutoConfig, DeepseekV3ForCausalLM
     config = AutoConfig.from_pretrained(str(folder))
     config._attn_implementation = "sdpa"
-    config._experts_implementation = "eager"
+    config._experts_implementation = experts
     model = DeepseekV3ForCausalLM(config)
     y = yarn_reference()
     for layer in model.model.layers:

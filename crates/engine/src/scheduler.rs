@@ -144,6 +144,7 @@ impl Scheduler {
                 len: n,
                 context_len: seq.num_computed + n,
                 block_table: seq.block_table.clone(),
+                num_prompt_tokens: seq.prompt_len,
             });
             schedule.seqs.push(Scheduled {
                 seq_id: seq.id,

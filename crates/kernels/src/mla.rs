@@ -1,4 +1,5 @@
-//! MLA attention over the paged latent cache.
+//! MLA attention over the paged latent cache: the absorbed form that decode runs over the latents,
+//! and the expanded form of prefill chunks.
 //!
 //! The cache of one layer is a single store shaped `[num_blocks, block_size, dim]` where each row is
 //! one token's `[c_kv (kv_lora_rank) | k_pe (rope_dim)]`: the normalised latent and the roped key
@@ -94,6 +95,64 @@ pub fn mla_decode(args: &MlaDecodeArgs, out: &mut [f32]) {
     });
 }
 
+/// Inputs of the expanded (naive) MLA attention of a prefill chunk: one sequence's new queries over
+/// its context, with per-head keys and values expanded from the latents by `kv_b_proj`.
+pub struct MlaPrefillArgs<'a> {
+    /// Non-rope query part, `[queries, num_heads, d_nope]`; query `i` sits at position
+    /// `context - queries + i` and sees the positions up to its own.
+    pub q_nope: &'a [f32],
+    /// Roped query part, `[queries, num_heads, rope_dim]`.
+    pub q_rope: &'a [f32],
+    /// Expanded keys and values, `[context, num_heads, d_nope + d_v]`.
+    pub kv: &'a [f32],
+    /// The context's latent rows `[context, kv_lora_rank + rope_dim]`: their rope part is the key
+    /// shared by all heads.
+    pub latents: &'a [f32],
+    pub num_heads: usize,
+    pub d_nope: usize,
+    pub d_v: usize,
+    pub kv_lora_rank: usize,
+    pub scale: f32,
+}
+
+/// Causal expanded MLA attention: for every query and head,
+/// `softmax_s(τ (q_nope·k_nope,s + q_pe·k_pe,s)) · v_s` over `s ≤` the query's position. Writes
+/// `[queries, num_heads, d_v]` into `out`.
+///
+/// Each query's reductions run over exactly its own causal context, in position order, so its
+/// result does not depend on how the prompt was cut into chunks or which prefix came from the cache.
+pub fn mla_prefill(args: &MlaPrefillArgs, out: &mut [f32]) {
+    let (heads, d_nope, d_v, rank) = (args.num_heads, args.d_nope, args.d_v, args.kv_lora_rank);
+    let queries = args.q_nope.len() / (heads * d_nope);
+    let rope = args.q_rope.len() / (queries * heads).max(1);
+    let dim = rank + rope;
+    let context = args.latents.len() / dim;
+    assert_eq!(args.q_nope.len(), queries * heads * d_nope);
+    assert_eq!(args.kv.len(), context * heads * (d_nope + d_v));
+    assert_eq!(out.len(), queries * heads * d_v);
+    assert!(queries <= context, "{queries} queries in a context of {context}");
+
+    let first = context - queries;
+    out.par_chunks_mut(d_v).enumerate().for_each(|(item, out)| {
+        let (query, head) = (item / heads, item % heads);
+        let q_nope = &args.q_nope[item * d_nope..(item + 1) * d_nope];
+        let q_pe = &args.q_rope[item * rope..(item + 1) * rope];
+        let kv = |pos: usize| &args.kv[(pos * heads + head) * (d_nope + d_v)..][..d_nope + d_v];
+        let mut probs: Vec<f32> = (0..=first + query)
+            .map(|pos| {
+                let k_pe = &args.latents[pos * dim + rank..(pos + 1) * dim];
+                args.scale * (dot(q_nope, &kv(pos)[..d_nope]) + dot(q_pe, k_pe))
+            })
+            .collect();
+        softmax_in_place(&mut probs);
+
+        out.fill(0.0);
+        for (pos, p) in probs.iter().enumerate() {
+            axpy(*p, &kv(pos)[d_nope..], out);
+        }
+    });
+}
+
 /// Copies the first `len` latent rows of one sequence into `out` (`[len, dim]`), for the expanded
 /// (prefill) form of attention.
 pub fn gather_latents(cache: PagedLatents, block_table: &[u32], len: usize, out: &mut [f32]) {
@@ -162,6 +221,64 @@ mod tests {
                     assert!((a - b).abs() < 1e-5, "query {q} head {h}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn prefill_matches_reference_and_ignores_chunking() {
+        let (heads, d_nope, d_v, rank, rope, context) = (3, 8, 5, 10, 4, 13);
+        let dim = rank + rope;
+        let q_nope = pseudo(context * heads * d_nope, 4.0);
+        let q_rope = pseudo(context * heads * rope, 5.0);
+        let kv = pseudo(context * heads * (d_nope + d_v), 6.0);
+        let latents = pseudo(context * dim, 7.0);
+        let run = |from: usize| {
+            let args = MlaPrefillArgs {
+                q_nope: &q_nope[from * heads * d_nope..],
+                q_rope: &q_rope[from * heads * rope..],
+                kv: &kv,
+                latents: &latents,
+                num_heads: heads,
+                d_nope,
+                d_v,
+                kv_lora_rank: rank,
+                scale: 0.4,
+            };
+            let mut out = vec![0f32; (context - from) * heads * d_v];
+            mla_prefill(&args, &mut out);
+            out
+        };
+        let whole = run(0);
+        for pos in 0..context {
+            for h in 0..heads {
+                // Keys and values of head h as one "latent" row each: [k_nope | k_pe] and v.
+                let keys: Vec<Vec<f32>> = (0..=pos)
+                    .map(|s| {
+                        let kv = &kv[(s * heads + h) * (d_nope + d_v)..][..d_nope];
+                        [kv, &latents[s * dim + rank..(s + 1) * dim]].concat()
+                    })
+                    .collect();
+                let q = [&q_nope[(pos * heads + h) * d_nope..][..d_nope], &q_rope[(pos * heads + h) * rope..][..rope]]
+                    .concat();
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|k| 0.4 * k.iter().zip(&q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>())
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for c in 0..d_v {
+                    let want: f64 = (0..=pos)
+                        .map(|s| kv[(s * heads + h) * (d_nope + d_v) + d_nope + c] as f64 * exps[s] / sum)
+                        .sum();
+                    let got = whole[(pos * heads + h) * d_v + c];
+                    assert!((got as f64 - want).abs() < 1e-5, "pos {pos} head {h}: {got} vs {want}");
+                }
+            }
+        }
+        // The last queries alone, as after a prefix-cache hit, give bit-identical rows.
+        for from in [1, 7, 12] {
+            assert_eq!(run(from), whole[from * heads * d_v..], "queries from {from}");
         }
     }
 

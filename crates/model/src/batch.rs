@@ -1,7 +1,7 @@
 //! What one forward step computes: the new tokens of several sequences, laid end to end.
 //!
-//! A sequence contributes either a prefill chunk (several prompt tokens) or one decode token; both
-//! kinds share a step. Positions and cache slots follow from each sequence's context length and
+//! A sequence contributes a prefill chunk (prompt tokens), one decode token, or, when it recomputes
+//! after preemption, both; all kinds share a step. Positions and cache slots follow from each sequence's context length and
 //! block table.
 
 /// One sequence's part of a step.
@@ -15,6 +15,9 @@ pub struct SeqChunk {
     pub context_len: usize,
     /// Cache blocks holding the sequence, in order; covers `context_len` tokens.
     pub block_table: Vec<u32>,
+    /// Length of the sequence's prompt. Tokens before it take MLA's expanded form, the generated
+    /// ones after it the absorbed form, also when a preempted sequence recomputes them.
+    pub num_prompt_tokens: usize,
 }
 
 impl SeqChunk {

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+mod linear;
 mod mla;
 pub mod model;
 mod moe;

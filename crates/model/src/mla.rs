@@ -1,22 +1,23 @@
 //! Multi-head Latent Attention (design doc §3).
 //!
 //! Every new token's latent row `[c_kv | k_pe]` is written to the paged cache first; then each
-//! sequence attends over its cached rows in one of two forms:
-//! - prefill chunks (several new tokens): the naive form, expanding the cached latents through
-//!   `kv_b_proj` into per-head keys and values;
-//! - decode (one new token): the weight-absorbed form, which folds `W_UK` into the query and `W_UV`
-//!   into the output so the attention reads the latents directly (kernel `mla_decode`).
+//! token attends over its sequence's cached rows in one of two forms:
+//! - prompt tokens (prefill chunks): the naive form, expanding the cached latents through
+//!   `kv_b_proj` into per-head keys and values (kernel `mla_prefill`);
+//! - generated tokens (decode): the weight-absorbed form, which folds `W_UK` into the query and
+//!   `W_UV` into the output so the attention reads the latents directly (kernel `mla_decode`).
 
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Linear, RmsNorm};
-use mlaserve_kernels::mla::{gather_latents, mla_decode, BlockTables, MlaDecodeArgs};
+use candle_nn::RmsNorm;
+use mlaserve_kernels::mla::{gather_latents, mla_decode, mla_prefill, BlockTables, MlaDecodeArgs, MlaPrefillArgs};
 
-use crate::batch::{ForwardBatch, SeqChunk};
+use crate::batch::ForwardBatch;
 use crate::cache::LatentCache;
 use crate::config::Config;
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::Weights;
 
@@ -30,9 +31,10 @@ pub struct Mla {
     kv_a_proj_with_mqa: Linear,
     kv_a_layernorm: RmsNorm,
     kv_b_proj: Linear,
-    /// `kv_b_proj` split per head for absorption: `W_UK` `[heads, d_nope, rank]`, `W_UVᵀ` `[heads, rank, d_v]`.
-    w_uk: Tensor,
-    w_uv_t: Tensor,
+    /// `kv_b_proj` split per head for absorption: `W_UKᵀ` `[rank, d_nope]` and `W_UV` `[d_v, rank]`
+    /// per head, as linear layers so that decode rounds the same whatever the batch.
+    w_uk_t: Vec<Linear>,
+    w_uv: Vec<Linear>,
     o_proj: Linear,
     rope: Arc<Rope>,
     heads: usize,
@@ -57,17 +59,21 @@ impl Mla {
                 b: w.linear(&format!("{prefix}.q_b_proj"), q_out, r)?,
             },
         };
-        let kv_b_proj = w.linear(&format!("{prefix}.kv_b_proj"), heads * (d_nope + d_v), rank)?;
-        let per_head = kv_b_proj.weight().reshape((heads, d_nope + d_v, rank))?;
-        let w_uk = per_head.narrow(1, 0, d_nope)?.contiguous()?;
-        let w_uv_t = per_head.narrow(1, d_nope, d_v)?.transpose(1, 2)?.contiguous()?;
+        let kv_b_weight = w.get(&format!("{prefix}.kv_b_proj.weight"), &[heads * (d_nope + d_v), rank])?;
+        let kv_b_heads = kv_b_weight.reshape((heads, d_nope + d_v, rank))?;
+        let (mut w_uk_t, mut w_uv) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
+        for head in 0..heads {
+            let w = kv_b_heads.get(head)?;
+            w_uk_t.push(Linear::new(w.narrow(0, 0, d_nope)?.t()?.flatten_all()?.to_vec1()?, rank, d_nope));
+            w_uv.push(Linear::new(w.narrow(0, d_nope, d_v)?.flatten_all()?.to_vec1()?, d_v, rank));
+        }
         Ok(Mla {
             q,
             kv_a_proj_with_mqa: w.linear(&format!("{prefix}.kv_a_proj_with_mqa"), rank + d_rope, h)?,
             kv_a_layernorm: w.rms_norm(&format!("{prefix}.kv_a_layernorm"), rank, cfg.rms_norm_eps)?,
-            kv_b_proj,
-            w_uk,
-            w_uv_t,
+            kv_b_proj: Linear::new(kv_b_weight.flatten_all()?.to_vec1()?, heads * (d_nope + d_v), rank),
+            w_uk_t,
+            w_uv,
             o_proj: w.linear(&format!("{prefix}.o_proj"), h, heads * d_v)?,
             rope,
             heads,
@@ -87,11 +93,11 @@ impl Mla {
             QProj::Plain(p) => p.forward(x)?,
             QProj::Lora { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
         };
-        let q = q.reshape((tokens, self.heads, self.d_nope + self.d_rope))?;
-        let q_nope = q.narrow(2, 0, self.d_nope)?.contiguous()?;
-        let mut q_pe = q.narrow(2, self.d_nope, self.d_rope)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let d_qk = self.d_nope + self.d_rope;
+        let q_nope: Vec<f32> = q.chunks_exact(d_qk).flat_map(|h| &h[..self.d_nope]).copied().collect();
+        let mut q_pe: Vec<f32> = q.chunks_exact(d_qk).flat_map(|h| &h[self.d_nope..]).copied().collect();
         self.rope.apply(&mut q_pe, self.heads, &positions);
-        let q_pe = Tensor::from_vec(q_pe, (tokens, self.heads, self.d_rope), &Device::Cpu)?;
 
         let kv = self.kv_a_proj_with_mqa.forward(x)?;
         let c_kv = self.kv_a_layernorm.forward(&kv.narrow(1, 0, self.rank)?.contiguous()?)?;
@@ -101,93 +107,91 @@ impl Mla {
         let rows = Tensor::cat(&[&c_kv, &k_pe], 1)?.flatten_all()?.to_vec1::<f32>()?;
         cache.write(layer, &batch.slots(cache.block_size()), &rows);
 
-        // Decode tokens are attended all at once; prefill chunks one sequence at a time.
-        let decode: Vec<usize> = (0..batch.seqs.len()).filter(|&i| batch.seqs[i].len == 1).collect();
-        let mut outputs: Vec<Option<Tensor>> = vec![None; batch.seqs.len()];
+        // Prompt tokens take the expanded form, generated tokens the absorbed one, whatever chunk
+        // they arrive in: each token is computed the same way however the scheduler cuts the steps.
+        let width = self.heads * self.d_v;
+        let mut out = vec![0f32; tokens * width];
+        let mut decode = Vec::new();
+        for seq in &batch.seqs {
+            let first = seq.first_position();
+            let prompt_end = seq.num_prompt_tokens.clamp(first, seq.context_len);
+            let rows = seq.start..seq.start + prompt_end - first;
+            if !rows.is_empty() {
+                let attended = self.expanded(
+                    &q_nope[rows.start * self.heads * self.d_nope..rows.end * self.heads * self.d_nope],
+                    &q_pe[rows.start * self.heads * self.d_rope..rows.end * self.heads * self.d_rope],
+                    &seq.block_table,
+                    prompt_end,
+                    cache,
+                    layer,
+                )?;
+                out[rows.start * width..rows.end * width].copy_from_slice(&attended);
+            }
+            decode.extend((prompt_end..seq.context_len).map(|pos| Query {
+                row: seq.start + pos - first,
+                block_table: &seq.block_table,
+                context_len: pos + 1,
+            }));
+        }
         if !decode.is_empty() {
-            let rows: Vec<u32> = decode.iter().map(|&i| batch.seqs[i].start as u32).collect();
-            let rows = Tensor::from_vec(rows, decode.len(), &Device::Cpu)?;
-            let attended = self.absorbed(
-                &q_nope.index_select(&rows, 0)?,
-                &q_pe.index_select(&rows, 0)?,
-                &decode.iter().map(|&i| &batch.seqs[i]).collect::<Vec<_>>(),
-                cache,
-                layer,
-            )?;
-            for (n, &i) in decode.iter().enumerate() {
-                outputs[i] = Some(attended.narrow(0, n, 1)?);
+            let attended = self.absorbed(&q_nope, &q_pe, &decode, cache, layer);
+            for (query, o) in decode.iter().zip(attended.chunks_exact(width)) {
+                out[query.row * width..(query.row + 1) * width].copy_from_slice(o);
             }
         }
-        for (i, seq) in batch.seqs.iter().enumerate().filter(|(_, s)| s.len > 1) {
-            outputs[i] = Some(self.expanded(
-                &q_nope.narrow(0, seq.start, seq.len)?,
-                &q_pe.narrow(0, seq.start, seq.len)?,
-                seq,
-                cache,
-                layer,
-            )?);
-        }
-        let outputs: Vec<Tensor> = outputs.into_iter().map(|o| o.expect("every sequence attended")).collect();
-        Ok(self.o_proj.forward(&Tensor::cat(&outputs, 0)?)?)
+        self.o_proj.forward(&Tensor::from_vec(out, (tokens, width), &Device::Cpu)?)
     }
 
-    /// Naive form over the sequence's whole context: `[len, heads·d_v]`.
+    /// Naive form for queries at the end of a context of `context` tokens: expands the context's
+    /// latents through `kv_b_proj` into per-head keys and values. Returns `[queries, heads·d_v]`.
     fn expanded(
         &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        seq: &SeqChunk,
+        q_nope: &[f32],
+        q_pe: &[f32],
+        block_table: &[u32],
+        context: usize,
         cache: &LatentCache,
         layer: usize,
-    ) -> Result<Tensor> {
-        let (len, ctx) = (seq.len, seq.context_len);
+    ) -> Result<Vec<f32>> {
         let dim = self.rank + self.d_rope;
-        let mut latents = vec![0f32; ctx * dim];
-        gather_latents(cache.layer(layer), &seq.block_table, ctx, &mut latents);
-        let latents = Tensor::from_vec(latents, (ctx, dim), &Device::Cpu)?;
-        let c_kv = latents.narrow(1, 0, self.rank)?;
-        let k_pe = latents.narrow(1, self.rank, self.d_rope)?;
-
-        let kv = self.kv_b_proj.forward(&c_kv)?.reshape((ctx, self.heads, self.d_nope + self.d_v))?;
-        let k_nope = kv.narrow(2, 0, self.d_nope)?.transpose(0, 1)?.contiguous()?; // [heads, ctx, d_nope]
-        let v = kv.narrow(2, self.d_nope, self.d_v)?.transpose(0, 1)?.contiguous()?; // [heads, ctx, d_v]
-        let q_nope = q_nope.transpose(0, 1)?.contiguous()?; // [heads, len, d_nope]
-        let q_pe = q_pe.transpose(0, 1)?.contiguous()?.reshape((self.heads * len, self.d_rope))?;
-
-        let nope_scores = q_nope.matmul(&k_nope.transpose(1, 2)?)?;
-        let rope_scores = q_pe.matmul(&k_pe.t()?)?.reshape((self.heads, len, ctx))?;
-        let scores = ((nope_scores + rope_scores)? * self.scale as f64)?;
-        // Query i sits at position ctx - len + i and sees keys up to there.
-        let first = ctx - len;
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| (0..ctx).map(move |j| if j <= first + i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, len, ctx), &Device::Cpu)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-        let out = probs.matmul(&v)?; // [heads, len, d_v]
-        Ok(out.transpose(0, 1)?.reshape((len, self.heads * self.d_v))?)
+        let mut latents = vec![0f32; context * dim];
+        gather_latents(cache.layer(layer), block_table, context, &mut latents);
+        let c_kv: Vec<f32> = latents.chunks_exact(dim).flat_map(|row| &row[..self.rank]).copied().collect();
+        let kv = self.kv_b_proj.forward_rows(&c_kv);
+        let mut out = vec![0f32; q_nope.len() / self.d_nope * self.d_v];
+        mla_prefill(
+            &MlaPrefillArgs {
+                q_nope,
+                q_rope: q_pe,
+                kv: &kv,
+                latents: &latents,
+                num_heads: self.heads,
+                d_nope: self.d_nope,
+                d_v: self.d_v,
+                kv_lora_rank: self.rank,
+                scale: self.scale,
+            },
+            &mut out,
+        );
+        Ok(out)
     }
 
-    /// Absorbed form for one new token per sequence: `[seqs, heads·d_v]`.
-    fn absorbed(
-        &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        seqs: &[&SeqChunk],
-        cache: &LatentCache,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let n = seqs.len();
-        // q_lat_h = W_UK_hᵀ q_nope_h, batched over heads: [heads, n, d_nope] x [heads, d_nope, rank].
-        let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
-        let q_lat = q_lat.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?;
-        let q_pe = q_pe.flatten_all()?.to_vec1::<f32>()?;
-        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
+    /// Absorbed form, one query per token, reading the latents straight from the paged cache:
+    /// `[queries, heads·d_v]`. `q_nope` and `q_pe` hold every token of the step.
+    fn absorbed(&self, q_nope: &[f32], q_pe: &[f32], queries: &[Query], cache: &LatentCache, layer: usize) -> Vec<f32> {
+        let n = queries.len();
+        let rows = |x: &[f32], width: usize| -> Vec<f32> {
+            queries.iter().flat_map(|q| &x[q.row * width..(q.row + 1) * width]).copied().collect()
+        };
+        // q_lat_h = W_UK_hᵀ q_nope_h: [n, heads, d_nope] → [n, heads, rank].
+        let q_lat = per_head(&rows(q_nope, self.heads * self.d_nope), n, &self.w_uk_t, self.d_nope, self.rank);
+        let q_pe = rows(q_pe, self.heads * self.d_rope);
+        let max_blocks = queries.iter().map(|q| q.block_table.len()).max().unwrap_or(0);
         let mut tables = vec![0u32; n * max_blocks];
-        for (row, s) in tables.chunks_exact_mut(max_blocks).zip(seqs) {
-            row[..s.block_table.len()].copy_from_slice(&s.block_table);
+        for (row, q) in tables.chunks_exact_mut(max_blocks).zip(queries) {
+            row[..q.block_table.len()].copy_from_slice(q.block_table);
         }
-        let context_lens: Vec<u32> = seqs.iter().map(|s| s.context_len as u32).collect();
+        let context_lens: Vec<u32> = queries.iter().map(|q| q.context_len as u32).collect();
         let mut attended = vec![0f32; n * self.heads * self.rank];
         mla_decode(
             &MlaDecodeArgs {
@@ -201,9 +205,30 @@ impl Mla {
             },
             &mut attended,
         );
-        // o_h = W_UV_h u_h: [heads, n, rank] x [heads, rank, d_v].
-        let u = Tensor::from_vec(attended, (n, self.heads, self.rank), &Device::Cpu)?.transpose(0, 1)?.contiguous()?;
-        let out = u.matmul(&self.w_uv_t)?; // [heads, n, d_v]
-        Ok(out.transpose(0, 1)?.reshape((n, self.heads * self.d_v))?)
+        // o_h = W_UV_h u_h: [n, heads, rank] → [n, heads, d_v].
+        per_head(&attended, n, &self.w_uv, self.rank, self.d_v)
     }
+}
+
+/// One token's query for the absorbed form: its row in the step, and the context it sees.
+struct Query<'a> {
+    row: usize,
+    block_table: &'a [u32],
+    context_len: usize,
+}
+
+/// Applies head `h`'s layer to every row's head `h`: `x` `[rows, heads, inp]` → `[rows, heads, out]`.
+fn per_head(x: &[f32], rows: usize, layers: &[Linear], inp: usize, out: usize) -> Vec<f32> {
+    let heads = layers.len();
+    let mut y = vec![0f32; rows * heads * out];
+    let mut xh = vec![0f32; rows * inp];
+    for (h, layer) in layers.iter().enumerate() {
+        for (r, dst) in xh.chunks_exact_mut(inp).enumerate() {
+            dst.copy_from_slice(&x[(r * heads + h) * inp..][..inp]);
+        }
+        for (r, src) in layer.forward_rows(&xh).chunks_exact(out).enumerate() {
+            y[(r * heads + h) * out..][..out].copy_from_slice(src);
+        }
+    }
+    y
 }

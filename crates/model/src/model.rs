@@ -5,12 +5,13 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Linear, RmsNorm};
+use candle_nn::RmsNorm;
 
 use crate::batch::ForwardBatch;
 use crate::cache::LatentCache;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::linear::Linear;
 use crate::mla::Mla;
 use crate::moe::{Mlp, Moe};
 use crate::rope::Rope;
@@ -63,7 +64,7 @@ impl DeepSeek {
             .collect::<Result<Vec<_>>>()?;
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
-            Linear::new(embed_tokens.clone(), None)
+            Linear::new(embed_tokens.flatten_all()?.to_vec1()?, v, h)
         } else {
             w.linear("lm_head", v, h)?
         };

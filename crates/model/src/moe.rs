@@ -10,35 +10,39 @@ use mlaserve_kernels::routing::{route, RouterConfig};
 
 use crate::config::MoeConfig;
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::weights::Weights;
 
 /// `down(silu(gate(x)) ⊙ up(x))`, with gate and up fused into one matmul.
 pub struct Mlp {
-    gate_up_t: Tensor,
-    down_t: Tensor,
+    gate_up: Linear,
+    down: Linear,
     width: usize,
 }
 
 impl Mlp {
     pub fn new(w: &Weights, prefix: &str, hidden: usize, width: usize) -> Result<Self> {
-        let gate = w.get(&format!("{prefix}.gate_proj.weight"), &[width, hidden])?;
-        let up = w.get(&format!("{prefix}.up_proj.weight"), &[width, hidden])?;
-        let down = w.get(&format!("{prefix}.down_proj.weight"), &[hidden, width])?;
-        Ok(Mlp { gate_up_t: Tensor::cat(&[gate, up], 0)?.t()?.contiguous()?, down_t: down.t()?.contiguous()?, width })
+        let mut gate_up = w.get_f32(&format!("{prefix}.gate_proj.weight"), &[width, hidden])?;
+        gate_up.extend(w.get_f32(&format!("{prefix}.up_proj.weight"), &[width, hidden])?);
+        Ok(Mlp {
+            gate_up: Linear::new(gate_up, 2 * width, hidden),
+            down: w.linear(&format!("{prefix}.down_proj"), hidden, width)?,
+            width,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = x.matmul(&self.gate_up_t)?;
+        let gate_up = self.gate_up.forward(x)?;
         let act =
             (candle_nn::ops::silu(&gate_up.narrow(1, 0, self.width)?)? * gate_up.narrow(1, self.width, self.width)?)?;
-        Ok(act.matmul(&self.down_t)?)
+        self.down.forward(&act)
     }
 }
 
 pub struct Moe {
     router: RouterConfig,
-    /// Router weight `[hidden, experts]`, f32 like the routing itself.
-    gate_t: Tensor,
+    /// Router weight `[experts, hidden]`, f32 like the routing itself.
+    gate: Linear,
     correction_bias: Option<Vec<f32>>,
     experts: Vec<Mlp>,
     shared: Option<Mlp>,
@@ -60,7 +64,7 @@ impl Moe {
             .transpose()?;
         Ok(Moe {
             router: cfg.router.clone(),
-            gate_t: w.get(&format!("{prefix}.gate.weight"), &[e, hidden])?.t()?.contiguous()?,
+            gate: w.linear(&format!("{prefix}.gate"), e, hidden)?,
             correction_bias,
             experts,
             shared,
@@ -69,7 +73,7 @@ impl Moe {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (tokens, hidden) = x.dims2()?;
-        let logits = x.matmul(&self.gate_t)?.flatten_all()?.to_vec1::<f32>()?;
+        let logits = self.gate.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
         let routing = route(&self.router, &logits, self.correction_bias.as_deref());
 
         let mut assigned: Vec<Vec<(u32, f32)>> = vec![Vec::new(); self.experts.len()];

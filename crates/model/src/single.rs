@@ -12,6 +12,8 @@ pub struct SingleSequence {
     cache: LatentCache,
     block_table: Vec<u32>,
     len: usize,
+    /// Tokens given to [`SingleSequence::prefill`]; the ones after are generated.
+    prompt_len: usize,
 }
 
 impl SingleSequence {
@@ -23,6 +25,7 @@ impl SingleSequence {
             cache: model.new_cache(num_blocks, block_size),
             block_table: (0..num_blocks as u32).rev().collect(),
             len: 0,
+            prompt_len: 0,
         }
     }
 
@@ -34,8 +37,20 @@ impl SingleSequence {
         self.len == 0
     }
 
-    /// Appends `tokens` in one step and returns the logits after the last of them, `[vocab_size]`.
-    pub fn feed(&mut self, model: &DeepSeek, tokens: &[u32]) -> Result<Tensor> {
+    /// Appends prompt tokens in one step (MLA's expanded form) and returns the logits after the
+    /// last of them, `[vocab_size]`.
+    pub fn prefill(&mut self, model: &DeepSeek, tokens: &[u32]) -> Result<Tensor> {
+        assert_eq!(self.prompt_len, self.len, "prefill after decode");
+        self.prompt_len += tokens.len();
+        self.step(model, tokens)
+    }
+
+    /// Appends one generated token (MLA's absorbed form) and returns the logits after it.
+    pub fn decode(&mut self, model: &DeepSeek, token: u32) -> Result<Tensor> {
+        self.step(model, &[token])
+    }
+
+    fn step(&mut self, model: &DeepSeek, tokens: &[u32]) -> Result<Tensor> {
         let context_len = self.len + tokens.len();
         let blocks = context_len.div_ceil(self.cache.block_size());
         let batch = ForwardBatch {
@@ -45,6 +60,7 @@ impl SingleSequence {
                 len: tokens.len(),
                 context_len,
                 block_table: self.block_table[..blocks.min(self.block_table.len())].to_vec(),
+                num_prompt_tokens: self.prompt_len,
             }],
         };
         let logits = model.forward(&batch, &mut self.cache)?;

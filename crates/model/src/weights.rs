@@ -7,13 +7,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use candle_nn::{Linear, RmsNorm};
+use candle_nn::RmsNorm;
 use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
+use crate::linear::Linear;
 
 struct Entry {
     file: usize,
@@ -69,8 +70,13 @@ impl Weights {
         self.entries.contains_key(name)
     }
 
-    /// Reads `name` as f32, checking its shape.
+    /// Reads `name` as an f32 tensor, checking its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(self.get_f32(name, shape)?, shape, &Device::Cpu)?)
+    }
+
+    /// Reads `name` as f32 values in row-major order, checking its shape.
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let entry = self.entries.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if entry.shape != shape {
             return Err(ModelError::Shape { name: name.into(), expected: shape.to_vec(), got: entry.shape.clone() });
@@ -89,7 +95,7 @@ impl Weights {
             }
         };
         self.progress.inc(bytes.len() as u64);
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+        Ok(values)
     }
 
     /// Reads `name` if the checkpoint has it.
@@ -103,7 +109,7 @@ impl Weights {
 
     /// A bias-free linear layer `{prefix}.weight` of shape `[out, in]`.
     pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear::new(self.get(&format!("{prefix}.weight"), &[out, inp])?, None))
+        Ok(Linear::new(self.get_f32(&format!("{prefix}.weight"), &[out, inp])?, out, inp))
     }
 
     /// An RMSNorm `{prefix}.weight` of width `dim`.

@@ -33,7 +33,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut seq = SingleSequence::new(&model, prompt.len() + args.max_tokens, 16);
 
     let t0 = Instant::now();
-    let mut logits: Vec<f32> = seq.feed(&model, &prompt)?.to_vec1()?;
+    let mut logits: Vec<f32> = seq.prefill(&model, &prompt)?.to_vec1()?;
     let prefill = t0.elapsed();
 
     let t1 = Instant::now();
@@ -54,7 +54,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             printed = text.len();
         }
         if generated.len() < args.max_tokens {
-            logits = seq.feed(&model, &[next])?.to_vec1()?;
+            logits = seq.decode(&model, next)?.to_vec1()?;
         }
     }
     let decode = t1.elapsed();

@@ -658,7 +658,7 @@ mod tests {
         let checkpoint = Checkpoint::open(&dir).unwrap();
         let model = checkpoint.load_model().unwrap();
         let mut seq = SingleSequence::new(&model, 16, 4);
-        let logits: Vec<f32> = seq.feed(&model, &[5, 6, 7]).unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = seq.prefill(&model, &[5, 6, 7]).unwrap().to_vec1().unwrap();
         assert!(logits[..checkpoint.tokenizer_vocab_size()].iter().all(|x| x.is_finite()));
         assert!((argmax(&logits) as usize) < checkpoint.tokenizer_vocab_size());
 
@@ -697,7 +697,7 @@ mod tests {
         assert_eq!(checkpoint.config.hidden_size, 2048);
         let model = checkpoint.load_model().unwrap();
         let mut seq = SingleSequence::new(&model, 16, 16);
-        let logits: Vec<f32> = seq.feed(&model, &[5, 6, 7]).unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = seq.prefill(&model, &[5, 6, 7]).unwrap().to_vec1().unwrap();
         assert_eq!(logits.len(), 102400);
         assert!(logits[..checkpoint.tokenizer_vocab_size()].iter().all(|x| x.is_finite()));
         std::fs::remove_dir_all(&dir).unwrap();
