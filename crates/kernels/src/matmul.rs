@@ -7,152 +7,274 @@
 //! sit in cache, in register tiles of [`MR`] activation rows × [`NR`] weight rows.
 //!
 //! Each output element is accumulated the same way whatever the tile, the block or the number of rows
-//! (8 lanes over `k`, a fixed horizontal sum, then the `k % 8` tail), so a sequence's logits do not
-//! depend on which other sequences share its batch.
+//! ([`LANES`] lanes over `k`, in order, a fixed tree over the lanes, then the tail), so a sequence's
+//! logits do not depend on which other sequences share its batch.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-/// Accumulator lanes per output element.
-const LANES: usize = 8;
+/// Accumulator lanes per output element: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
 /// Activation rows per register tile.
 const MR: usize = 4;
 /// Weight rows per register tile.
-const NR: usize = 3;
+const NR: usize = 6;
 /// Activation rows kept in cache while the weight streams past (64 rows of 2048 floats: 512 KiB).
 const M_BLOCK: usize = 64;
 /// Weight rows per parallel task (a multiple of [`NR`]).
 const N_BLOCK: usize = 8 * NR;
+/// How far ahead of the loads (in floats) the SIMD loops prefetch the weight rows.
+const PREFETCH: usize = 512;
+
+type Lanes = [f32; LANES];
+
+thread_local! {
+    /// The transposed result of one block, kept between calls: a fresh buffer of this size comes
+    /// from `mmap` and costs a page fault per 4 KiB on every step.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// `y[i, j] = Σ_p x[i, p] · w[j, p]` for `x: [m, k]`, `w: [n, k]`; returns `y: [m, n]`.
 pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert_eq!(w.len(), n * k, "w is not [n, k]");
+    let simd = simd();
     let mut y = vec![0f32; m * n];
-    for i0 in (0..m).step_by(M_BLOCK) {
-        let mb = M_BLOCK.min(m - i0);
-        let xb = &x[i0 * k..(i0 + mb) * k];
-        // Transposed result `[n, mb]`, so that each task owns a contiguous slice.
-        let mut yt = vec![0f32; n * mb];
-        yt.par_chunks_mut(N_BLOCK * mb).enumerate().for_each(|(task, yt)| {
-            let j0 = task * N_BLOCK;
-            let nb = yt.len() / mb;
-            for jt in (0..nb).step_by(NR) {
-                for it in (0..mb).step_by(MR) {
-                    let tile = Tile { x: &xb[it * k..], w: &w[(j0 + jt) * k..], k };
-                    tile.run(MR.min(mb - it), NR.min(nb - jt), &mut |r, c, v| yt[(jt + c) * mb + it + r] = v);
+    let mut blocks = |yt: &mut Vec<f32>| {
+        for i0 in (0..m).step_by(M_BLOCK) {
+            let mb = M_BLOCK.min(m - i0);
+            let xb = &x[i0 * k..(i0 + mb) * k];
+            // Transposed result `[n, mb]`, so that each task owns a contiguous slice.
+            yt.resize(yt.len().max(n * mb), 0.0);
+            let yt = &mut yt[..n * mb];
+            yt.par_chunks_mut(N_BLOCK * mb).enumerate().for_each(|(task, yt)| {
+                let j0 = task * N_BLOCK;
+                task_block(simd, xb, &w[j0 * k..(j0 + yt.len() / mb) * k], k, mb, yt);
+            });
+            for (j, col) in yt.chunks_exact(mb).enumerate() {
+                for (r, v) in col.iter().enumerate() {
+                    y[(i0 + r) * n + j] = *v;
                 }
             }
-        });
-        for (j, col) in yt.chunks_exact(mb).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[(i0 + r) * n + j] = *v;
-            }
         }
-    }
+    };
+    // A nested call on the same thread (from inside a rayon task) gets a buffer of its own.
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut yt) => blocks(&mut yt),
+        Err(_) => blocks(&mut Vec::new()),
+    });
     y
 }
 
-/// One register tile: activation rows starting at `x`, weight rows starting at `w`, both of stride `k`.
+/// One task: the `nb` weight rows of `w` against the `mb` activation rows of `x`, into
+/// `yt: [nb, mb]`.
+fn task_block(simd: Simd, x: &[f32], w: &[f32], k: usize, mb: usize, yt: &mut [f32]) {
+    let nb = w.len() / k;
+    let body = k - k % LANES;
+    // Lanes of element (j, i) at `j * mb + i`.
+    let mut acc = vec![[0f32; LANES]; nb * mb];
+    for jt in (0..nb).step_by(NR) {
+        for it in (0..mb).step_by(MR) {
+            let tile = Tile { x: &x[it * k..], w: &w[jt * k..], k, cols: 0..body };
+            tile.run(simd, MR.min(mb - it), NR.min(nb - jt), &mut acc[jt * mb + it..], mb);
+        }
+    }
+    for (e, (lanes, out)) in acc.iter_mut().zip(yt.iter_mut()).enumerate() {
+        let (j, i) = (e / mb, e % mb);
+        let mut width = LANES;
+        while width > 1 {
+            width /= 2;
+            for l in 0..width {
+                lanes[l] += lanes[l + width];
+            }
+        }
+        let tail: f32 = (body..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+        *out = lanes[0] + tail;
+    }
+}
+
+/// One register tile over the columns `cols` (a multiple of [`LANES`] long): activation rows
+/// starting at `x`, weight rows starting at `w`, both of stride `k`. Adds into `acc`, where the
+/// lanes of element (row r, weight row c) sit at `c * stride + r`.
 struct Tile<'a> {
     x: &'a [f32],
     w: &'a [f32],
     k: usize,
+    cols: std::ops::Range<usize>,
 }
 
 impl Tile<'_> {
-    /// Computes the `rows × cols` dot products and hands each to `store(row, col, value)`.
-    fn run(&self, rows: usize, cols: usize, store: &mut dyn FnMut(usize, usize, f32)) {
+    fn run(&self, simd: Simd, rows: usize, cols: usize, acc: &mut [Lanes], stride: usize) {
         macro_rules! dispatch {
             ($(($r:literal, $c:literal)),*) => {
                 match (rows, cols) {
-                    $(($r, $c) => self.tile::<$r, $c>(store),)*
+                    $(($r, $c) => self.tile::<$r, $c>(simd, acc, stride),)*
                     _ => unreachable!("tile {rows}x{cols} exceeds {MR}x{NR}"),
                 }
             };
         }
-        dispatch!((1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3), (4, 1), (4, 2), (4, 3));
+        dispatch!(
+            (1, 1),
+            (1, 2),
+            (1, 3),
+            (1, 4),
+            (1, 5),
+            (1, 6),
+            (2, 1),
+            (2, 2),
+            (2, 3),
+            (2, 4),
+            (2, 5),
+            (2, 6),
+            (3, 1),
+            (3, 2),
+            (3, 3),
+            (3, 4),
+            (3, 5),
+            (3, 6),
+            (4, 1),
+            (4, 2),
+            (4, 3),
+            (4, 4),
+            (4, 5),
+            (4, 6)
+        );
     }
 
-    fn tile<const R: usize, const C: usize>(&self, store: &mut dyn FnMut(usize, usize, f32)) {
-        assert!(self.x.len() >= (R - 1) * self.k + self.k && self.w.len() >= (C - 1) * self.k + self.k);
-        #[cfg(target_arch = "x86_64")]
-        if avx2_fma() {
-            // Safety: the CPU has AVX2 and FMA, and the slices hold R (resp. C) rows of k floats.
-            let lanes = unsafe { self.lanes_avx2::<R, C>() };
-            return self.finish(lanes, store);
+    fn tile<const R: usize, const C: usize>(&self, simd: Simd, acc: &mut [Lanes], stride: usize) {
+        assert!(self.x.len() >= (R - 1) * self.k + self.cols.end && self.w.len() >= (C - 1) * self.k + self.cols.end);
+        assert!(acc.len() > (C - 1) * stride + R - 1 && self.cols.len().is_multiple_of(LANES));
+        let mut tile: [[Lanes; C]; R] = std::array::from_fn(|r| std::array::from_fn(|c| acc[c * stride + r]));
+        match simd {
+            // Safety: `simd()` found the features on this CPU, and the asserts above hold R (resp.
+            // C) rows covering `cols`.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { self.avx512(&mut tile) },
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { self.avx2(&mut tile) },
+            Simd::Portable => self.portable(&mut tile),
         }
-        self.finish(self.lanes_portable::<R, C>(), store)
-    }
-
-    /// Adds each element's lanes in a fixed order, then its `k % LANES` tail.
-    fn finish<const R: usize, const C: usize>(
-        &self,
-        lanes: [[[f32; LANES]; C]; R],
-        store: &mut dyn FnMut(usize, usize, f32),
-    ) {
-        let (k, body) = (self.k, self.k - self.k % LANES);
-        for (r, row) in lanes.iter().enumerate() {
-            for (c, l) in row.iter().enumerate() {
-                let mut tail = 0f32;
-                for p in body..k {
-                    tail += self.x[r * k + p] * self.w[c * k + p];
-                }
-                store(r, c, ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])) + tail);
+        for (r, row) in tile.iter().enumerate() {
+            for (c, lanes) in row.iter().enumerate() {
+                acc[c * stride + r] = *lanes;
             }
         }
     }
 
-    fn lanes_portable<const R: usize, const C: usize>(&self) -> [[[f32; LANES]; C]; R] {
-        let mut acc = [[[0f32; LANES]; C]; R];
-        for p in (0..self.k - self.k % LANES).step_by(LANES) {
-            for (r, acc_r) in acc.iter_mut().enumerate() {
+    fn portable<const R: usize, const C: usize>(&self, tile: &mut [[Lanes; C]; R]) {
+        for p in self.cols.clone().step_by(LANES) {
+            for (r, row) in tile.iter_mut().enumerate() {
                 let xs = &self.x[r * self.k + p..][..LANES];
-                for (c, a) in acc_r.iter_mut().enumerate() {
+                for (c, lanes) in row.iter_mut().enumerate() {
                     let ws = &self.w[c * self.k + p..][..LANES];
                     for l in 0..LANES {
-                        a[l] = xs[l].mul_add(ws[l], a[l]);
+                        lanes[l] = xs[l].mul_add(ws[l], lanes[l]);
                     }
                 }
             }
         }
-        acc
     }
 
+    // The SIMD loops index plain arrays instead of calling closures (`array::from_fn`, `map`):
+    // a closure does not inherit the function's target features and ends up as a call per load.
+    // Indices also keep the registers of a row, a weight row and the tile in step.
+
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn lanes_avx2<const R: usize, const C: usize>(&self) -> [[[f32; LANES]; C]; R] {
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn avx512<const R: usize, const C: usize>(&self, tile: &mut [[Lanes; C]; R]) {
         use std::arch::x86_64::*;
         let (x, w, k) = (self.x.as_ptr(), self.w.as_ptr(), self.k);
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let mut p = 0;
-        while p + LANES <= k {
-            // Safety (caller): rows r < R of x and c < C of w hold k floats each.
-            unsafe {
-                let ws: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(w.add(c * k + p)));
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let xs = _mm256_loadu_ps(x.add(r * k + p));
-                    for (a, wc) in acc_r.iter_mut().zip(&ws) {
-                        *a = _mm256_fmadd_ps(xs, *wc, *a);
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let mut ws = [_mm512_setzero_ps(); C];
+        // Safety (caller): rows r < R of x and c < C of w cover `cols`; each lane array holds 16
+        // floats.
+        unsafe {
+            for r in 0..R {
+                for c in 0..C {
+                    acc[r][c] = _mm512_loadu_ps(tile[r][c].as_ptr());
+                }
+            }
+            for p in self.cols.clone().step_by(LANES) {
+                for c in 0..C {
+                    ws[c] = _mm512_loadu_ps(w.add(c * k + p));
+                    // The weight comes from memory: ask for it before it is needed, so that the
+                    // row's reads overlap the arithmetic (a prefetch past the row does not fault).
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * k + p + PREFETCH) as *const i8);
+                }
+                for r in 0..R {
+                    let xs = _mm512_loadu_ps(x.add(r * k + p));
+                    for c in 0..C {
+                        acc[r][c] = _mm512_fmadd_ps(xs, ws[c], acc[r][c]);
                     }
                 }
             }
-            p += LANES;
+            for r in 0..R {
+                for c in 0..C {
+                    _mm512_storeu_ps(tile[r][c].as_mut_ptr(), acc[r][c]);
+                }
+            }
         }
-        acc.map(|row| {
-            row.map(|a| {
-                let mut out = [0f32; LANES];
-                // Safety: `out` holds 8 floats.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), a) };
-                out
-            })
-        })
+    }
+
+    /// Two 8-lane registers per element, one activation row at a time (16 registers hold no more).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn avx2<const R: usize, const C: usize>(&self, tile: &mut [[Lanes; C]; R]) {
+        use std::arch::x86_64::*;
+        let (x, w, k) = (self.x.as_ptr(), self.w.as_ptr(), self.k);
+        // Safety (caller): as for `avx512`.
+        unsafe {
+            for r in 0..R {
+                let mut acc = [[_mm256_setzero_ps(); 2]; C];
+                for c in 0..C {
+                    acc[c][0] = _mm256_loadu_ps(tile[r][c].as_ptr());
+                    acc[c][1] = _mm256_loadu_ps(tile[r][c].as_ptr().add(8));
+                }
+                for p in self.cols.clone().step_by(LANES) {
+                    let x0 = _mm256_loadu_ps(x.add(r * k + p));
+                    let x1 = _mm256_loadu_ps(x.add(r * k + p + 8));
+                    for c in 0..C {
+                        let wc = w.add(c * k + p);
+                        acc[c][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wc), acc[c][0]);
+                        acc[c][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wc.add(8)), acc[c][1]);
+                    }
+                }
+                for c in 0..C {
+                    _mm256_storeu_ps(tile[r][c].as_mut_ptr(), acc[c][0]);
+                    _mm256_storeu_ps(tile[r][c].as_mut_ptr().add(8), acc[c][1]);
+                }
+            }
+        }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+/// The instruction set the tiles run on, chosen once per process so that every call rounds alike.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn simd() -> Simd {
+    static BEST: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    })
 }
 
 #[cfg(test)]
@@ -175,6 +297,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_instruction_set_this_cpu_has_matches_naive() {
+        let mut paths = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                paths.push(Simd::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                paths.push(Simd::Avx512);
+            }
+        }
+        // A tail after the lanes; 7 activation rows and 5 weight rows give partial tiles.
+        let (m, k, n) = (7, 40 * LANES + 5, 5);
+        let (x, w) = (data(m * k, 0.4), data(n * k, 1.1));
+        let mut results = Vec::new();
+        for simd in paths {
+            let mut yt = vec![0f32; n * m];
+            task_block(simd, &x, &w, k, m, &mut yt);
+            for (e, v) in yt.iter().enumerate() {
+                let (j, i) = (e / m, e % m);
+                let naive: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                assert!((*v as f64 - naive).abs() < 1e-4, "{simd:?} [{i},{j}]: {v} vs {naive}");
+            }
+            results.push(yt);
+        }
+        // The lanes and their order are the same on every instruction set: so are the bits.
+        assert!(results.windows(2).all(|r| r[0] == r[1]), "instruction sets round differently");
     }
 
     #[test]

@@ -103,12 +103,12 @@ impl DeepSeek {
         let last: Vec<u32> = batch.seqs.iter().map(|s| (s.start + s.len - 1) as u32).collect();
         let last = Tensor::from_vec(last, batch.seqs.len(), &Device::Cpu)?;
         let h = self.norm.forward(&h.index_select(&last, 0)?)?;
-        let logits = self.lm_head.forward(&h)?;
         let v = self.config.vocab_size;
-        if self.vocab_limit == v {
-            return Ok(logits);
+        let mut logits = self.lm_head.forward_rows(&h.flatten_all()?.to_vec1::<f32>()?);
+        // Rows past the tokenizer's ids are padding the model never learnt to avoid.
+        for row in logits.chunks_exact_mut(v) {
+            row[self.vocab_limit..].fill(f32::NEG_INFINITY);
         }
-        let mask: Vec<f32> = (0..v).map(|i| if i < self.vocab_limit { 0.0 } else { f32::NEG_INFINITY }).collect();
-        Ok(logits.broadcast_add(&Tensor::from_vec(mask, (1, v), &Device::Cpu)?)?)
+        Ok(Tensor::from_vec(logits, (batch.seqs.len(), v), &Device::Cpu)?)
     }
 }
