@@ -342,7 +342,7 @@ CHAT = {
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful math assistant.",
                   "Answer the user's question.", "You are a calculator."]
 
-OP_WEIGHTS = {"+": 0.37, "-": 0.45, "*": 0.12, "chat": 0.06}  # multiplication and small talk are learnt first
+OP_WEIGHTS = {"+": 0.30, "-": 0.36, "*": 0.26, "chat": 0.08}
 
 
 def sample_example(rng: random.Random) -> dict:
