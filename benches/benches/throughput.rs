@@ -7,7 +7,8 @@
 use std::time::{Duration, Instant};
 
 use mlaserve_benches::{
-    greedy, memory_gb, print_machine, random_prompt, run_concurrent, start, weights_read_per_step, Args,
+    bytes_per_weight, greedy, memory_gb, print_machine, random_prompt, run_concurrent, start, weights_read_per_step,
+    Args,
 };
 use mlaserve_engine::EngineConfig;
 
@@ -103,11 +104,13 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!("| concurrent | tokens | wall s | output tok/s | decode-phase tok/s | mean TTFT ms | mean ITL ms | weights read/step (f32, est.) | achieved GB/s (decode) |");
+    let weight_bytes = bytes_per_weight(&dir)?;
+    let dtype = if weight_bytes == 2.0 { "bf16" } else { "f32" };
+    println!("| concurrent | tokens | wall s | output tok/s | decode-phase tok/s | mean TTFT ms | mean ITL ms | weights read/step ({dtype}, est.) | achieved GB/s (decode) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let decode_rate = r.decode_tokens as f64 / r.decode.as_secs_f64();
-        let bytes = weights_read_per_step(c, r.concurrency) * 4.0;
+        let bytes = weights_read_per_step(c, r.concurrency) * weight_bytes;
         // Steps per second in the decode phase = decode_rate / concurrency.
         let gbps = bytes * decode_rate / r.concurrency as f64 / 1e9;
         println!(

@@ -214,6 +214,14 @@ pub fn weights_read_per_step(c: &Config, batch: usize) -> f64 {
     values + (h * c.vocab_size + h) as f64
 }
 
+/// Bytes per weight value the engine holds: bf16 checkpoints stay bf16, anything else becomes f32.
+/// Read from `config.json`'s `torch_dtype` (`dtype` in newer `transformers`).
+pub fn bytes_per_weight(dir: &std::path::Path) -> anyhow::Result<f64> {
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    let dtype = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(|d| d.as_str());
+    Ok(if dtype == Some("bfloat16") { 2.0 } else { 4.0 })
+}
+
 /// Median of some durations.
 pub fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();

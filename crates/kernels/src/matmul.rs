@@ -9,9 +9,14 @@
 //! Each output element is accumulated the same way whatever the tile, the block or the number of rows
 //! ([`LANES`] lanes over `k`, in order, a fixed tree over the lanes, then the tail), so a sequence's
 //! logits do not depend on which other sequences share its batch.
+//!
+//! The weight is f32 or bf16 ([`WeightElem`]): bf16 checkpoints stay bf16 in memory and the tiles
+//! widen each value as they load it, which is exact, so the products are those of the f32 copy at half
+//! the bytes read.
 
 use std::cell::RefCell;
 
+use half::bf16;
 use rayon::prelude::*;
 
 /// Accumulator lanes per output element: one AVX-512 register, two AVX2 ones.
@@ -24,8 +29,8 @@ const NR: usize = 6;
 const M_BLOCK: usize = 64;
 /// Weight rows per parallel task (a multiple of [`NR`]).
 const N_BLOCK: usize = 8 * NR;
-/// How far ahead of the loads (in floats) the SIMD loops prefetch the weight rows.
-const PREFETCH: usize = 512;
+/// How far ahead of the loads (in bytes) the SIMD loops prefetch the weight rows.
+const PREFETCH_BYTES: usize = 2048;
 
 type Lanes = [f32; LANES];
 
@@ -35,8 +40,83 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A weight value type the tiles widen to f32 as they load it. The loads are `#[inline]` because
+/// the tiles are instantiated in the calling crate: a call per load would cost more than the load.
+pub trait WeightElem: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+
+    /// Sixteen values from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points to 16 readable values and the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_avx512(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// Eight values from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points to 8 readable values and the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8_avx2(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16_avx512(p: *const f32) -> std::arch::x86_64::__m512 {
+        // Safety (caller): 16 floats at `p`.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8_avx2(p: *const f32) -> std::arch::x86_64::__m256 {
+        // Safety (caller): 8 floats at `p`.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+/// bf16 is the top half of an f32: widening shifts the bits up by 16.
+impl WeightElem for bf16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16_avx512(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // Safety (caller): 16 bf16 (32 bytes) at `p`.
+        unsafe {
+            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8_avx2(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // Safety (caller): 8 bf16 (16 bytes) at `p`.
+        unsafe {
+            let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits))
+        }
+    }
+}
+
 /// `y[i, j] = Σ_p x[i, p] · w[j, p]` for `x: [m, k]`, `w: [n, k]`; returns `y: [m, n]`.
-pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+pub fn matmul_wt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert_eq!(w.len(), n * k, "w is not [n, k]");
     let simd = simd();
@@ -69,7 +149,7 @@ pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
 
 /// One task: the `nb` weight rows of `w` against the `mb` activation rows of `x`, into
 /// `yt: [nb, mb]`.
-fn task_block(simd: Simd, x: &[f32], w: &[f32], k: usize, mb: usize, yt: &mut [f32]) {
+fn task_block<W: WeightElem>(simd: Simd, x: &[f32], w: &[W], k: usize, mb: usize, yt: &mut [f32]) {
     let nb = w.len() / k;
     let body = k - k % LANES;
     // Lanes of element (j, i) at `j * mb + i`.
@@ -89,7 +169,7 @@ fn task_block(simd: Simd, x: &[f32], w: &[f32], k: usize, mb: usize, yt: &mut [f
                 lanes[l] += lanes[l + width];
             }
         }
-        let tail: f32 = (body..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+        let tail: f32 = (body..k).map(|p| x[i * k + p] * w[j * k + p].to_f32()).sum();
         *out = lanes[0] + tail;
     }
 }
@@ -97,14 +177,14 @@ fn task_block(simd: Simd, x: &[f32], w: &[f32], k: usize, mb: usize, yt: &mut [f
 /// One register tile over the columns `cols` (a multiple of [`LANES`] long): activation rows
 /// starting at `x`, weight rows starting at `w`, both of stride `k`. Adds into `acc`, where the
 /// lanes of element (row r, weight row c) sit at `c * stride + r`.
-struct Tile<'a> {
+struct Tile<'a, W> {
     x: &'a [f32],
-    w: &'a [f32],
+    w: &'a [W],
     k: usize,
     cols: std::ops::Range<usize>,
 }
 
-impl Tile<'_> {
+impl<W: WeightElem> Tile<'_, W> {
     fn run(&self, simd: Simd, rows: usize, cols: usize, acc: &mut [Lanes], stride: usize) {
         macro_rules! dispatch {
             ($(($r:literal, $c:literal)),*) => {
@@ -169,7 +249,7 @@ impl Tile<'_> {
                 for (c, lanes) in row.iter_mut().enumerate() {
                     let ws = &self.w[c * self.k + p..][..LANES];
                     for l in 0..LANES {
-                        lanes[l] = xs[l].mul_add(ws[l], lanes[l]);
+                        lanes[l] = xs[l].mul_add(ws[l].to_f32(), lanes[l]);
                     }
                 }
             }
@@ -198,10 +278,11 @@ impl Tile<'_> {
             }
             for p in self.cols.clone().step_by(LANES) {
                 for c in 0..C {
-                    ws[c] = _mm512_loadu_ps(w.add(c * k + p));
+                    ws[c] = W::load16_avx512(w.add(c * k + p));
                     // The weight comes from memory: ask for it before it is needed, so that the
                     // row's reads overlap the arithmetic (a prefetch past the row does not fault).
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * k + p + PREFETCH) as *const i8);
+                    let ahead = PREFETCH_BYTES / size_of::<W>();
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * k + p + ahead) as *const i8);
                 }
                 for r in 0..R {
                     let xs = _mm512_loadu_ps(x.add(r * k + p));
@@ -238,8 +319,8 @@ impl Tile<'_> {
                     let x1 = _mm256_loadu_ps(x.add(r * k + p + 8));
                     for c in 0..C {
                         let wc = w.add(c * k + p);
-                        acc[c][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wc), acc[c][0]);
-                        acc[c][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wc.add(8)), acc[c][1]);
+                        acc[c][0] = _mm256_fmadd_ps(x0, W::load8_avx2(wc), acc[c][0]);
+                        acc[c][1] = _mm256_fmadd_ps(x1, W::load8_avx2(wc.add(8)), acc[c][1]);
                     }
                 }
                 for c in 0..C {
@@ -311,9 +392,12 @@ mod tests {
                 paths.push(Simd::Avx512);
             }
         }
-        // A tail after the lanes; 7 activation rows and 5 weight rows give partial tiles.
+        // A tail after the lanes; 7 activation rows and 5 weight rows give partial tiles. The weight
+        // is bf16-representable, so its bf16 copy must give the same bits.
         let (m, k, n) = (7, 40 * LANES + 5, 5);
-        let (x, w) = (data(m * k, 0.4), data(n * k, 1.1));
+        let x = data(m * k, 0.4);
+        let w_bf16: Vec<bf16> = data(n * k, 1.1).into_iter().map(bf16::from_f32).collect();
+        let w: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
         let mut results = Vec::new();
         for simd in paths {
             let mut yt = vec![0f32; n * m];
@@ -323,6 +407,9 @@ mod tests {
                 let naive: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
                 assert!((*v as f64 - naive).abs() < 1e-4, "{simd:?} [{i},{j}]: {v} vs {naive}");
             }
+            let mut yt_bf16 = vec![0f32; n * m];
+            task_block(simd, &x, &w_bf16, k, m, &mut yt_bf16);
+            assert_eq!(yt, yt_bf16, "{simd:?}: bf16 weights differ from their f32 copy");
             results.push(yt);
         }
         // The lanes and their order are the same on every instruction set: so are the bits.

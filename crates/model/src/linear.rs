@@ -5,19 +5,43 @@
 //! way whatever the batch (see that module for why not candle's gemm).
 
 use candle_core::{Device, Tensor};
+use half::bf16;
 use mlaserve_kernels::matmul::matmul_wt;
 
 use crate::error::{ModelError, Result};
 
+/// A weight matrix `[out, in]`, row-major. Decode reads every weight once per step, so a bf16
+/// checkpoint's matrices stay bf16 (the kernel widens them exactly as it loads them); f16, f32 and
+/// dequantized FP8 weights are held in f32.
+pub enum WeightMatrix {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl WeightMatrix {
+    fn len(&self) -> usize {
+        match self {
+            WeightMatrix::F32(w) => w.len(),
+            WeightMatrix::Bf16(w) => w.len(),
+        }
+    }
+}
+
+impl From<Vec<f32>> for WeightMatrix {
+    fn from(w: Vec<f32>) -> Self {
+        WeightMatrix::F32(w)
+    }
+}
+
 pub struct Linear {
-    /// `[out, in]`, row-major.
-    weight: Vec<f32>,
+    weight: WeightMatrix,
     out: usize,
     inp: usize,
 }
 
 impl Linear {
-    pub fn new(weight: Vec<f32>, out: usize, inp: usize) -> Self {
+    pub fn new(weight: impl Into<WeightMatrix>, out: usize, inp: usize) -> Self {
+        let weight = weight.into();
         assert_eq!(weight.len(), out * inp, "linear weight is not [{out}, {inp}]");
         Linear { weight, out, inp }
     }
@@ -34,6 +58,10 @@ impl Linear {
 
     /// Row-major `[rows, in]` → `[rows, out]`.
     pub fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
-        matmul_wt(x, &self.weight, x.len() / self.inp, self.inp, self.out)
+        let rows = x.len() / self.inp;
+        match &self.weight {
+            WeightMatrix::F32(w) => matmul_wt(x, w, rows, self.inp, self.out),
+            WeightMatrix::Bf16(w) => matmul_wt(x, w, rows, self.inp, self.out),
+        }
     }
 }

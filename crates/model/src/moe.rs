@@ -22,8 +22,8 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(w: &Weights, prefix: &str, hidden: usize, width: usize) -> Result<Self> {
-        let mut gate_up = w.get_f32(&format!("{prefix}.gate_proj.weight"), &[width, hidden])?;
-        gate_up.extend(w.get_f32(&format!("{prefix}.up_proj.weight"), &[width, hidden])?);
+        let gate_up =
+            w.get_matrix(&[format!("{prefix}.gate_proj.weight"), format!("{prefix}.up_proj.weight")], width, hidden)?;
         Ok(Mlp {
             gate_up: Linear::new(gate_up, 2 * width, hidden),
             down: w.linear(&format!("{prefix}.down_proj"), hidden, width)?,

@@ -1,6 +1,7 @@
 //! Reading a checkpoint's tensors: safetensors files (one, or sharded through
 //! `model.safetensors.index.json`), memory-mapped; bf16/f16/f32 converted to f32 and FP8 (e4m3)
-//! weights dequantized with their `weight_scale_inv` block scales as they are read.
+//! weights dequantized with their `weight_scale_inv` block scales as they are read. The matrices of
+//! linear layers stay bf16 when the checkpoint stores them so ([`WeightMatrix`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,7 +15,7 @@ use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
-use crate::linear::Linear;
+use crate::linear::{Linear, WeightMatrix};
 
 struct Entry {
     file: usize,
@@ -77,11 +78,7 @@ impl Weights {
 
     /// Reads `name` as f32 values in row-major order, checking its shape.
     pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let entry = self.entries.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        if entry.shape != shape {
-            return Err(ModelError::Shape { name: name.into(), expected: shape.to_vec(), got: entry.shape.clone() });
-        }
-        let bytes = &self.files[entry.file][entry.start..entry.end];
+        let (entry, bytes) = self.entry(name, shape)?;
         let values = match entry.dtype {
             Dtype::F32 => convert(bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             Dtype::BF16 => convert(bytes, 2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
@@ -98,6 +95,34 @@ impl Weights {
         Ok(values)
     }
 
+    /// Reads the `[rows, cols]` matrices `names` stacked by rows: in bf16 when all of them are stored
+    /// in bf16 (exact, half the bytes), otherwise in f32.
+    pub fn get_matrix(&self, names: &[String], rows: usize, cols: usize) -> Result<WeightMatrix> {
+        if !names.iter().all(|n| self.entries.get(n).is_some_and(|e| e.dtype == Dtype::BF16)) {
+            let mut values = Vec::with_capacity(names.len() * rows * cols);
+            for name in names {
+                values.extend(self.get_f32(name, &[rows, cols])?);
+            }
+            return Ok(WeightMatrix::F32(values));
+        }
+        let mut values = Vec::with_capacity(names.len() * rows * cols);
+        for name in names {
+            let (_, bytes) = self.entry(name, &[rows, cols])?;
+            values.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])));
+            self.progress.inc(bytes.len() as u64);
+        }
+        Ok(WeightMatrix::Bf16(values))
+    }
+
+    /// The entry of `name` and its bytes, after checking its shape.
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<(&Entry, &[u8])> {
+        let entry = self.entries.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        if entry.shape != shape {
+            return Err(ModelError::Shape { name: name.into(), expected: shape.to_vec(), got: entry.shape.clone() });
+        }
+        Ok((entry, &self.files[entry.file][entry.start..entry.end]))
+    }
+
     /// Reads `name` if the checkpoint has it.
     pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
         if self.contains(name) {
@@ -109,7 +134,7 @@ impl Weights {
 
     /// A bias-free linear layer `{prefix}.weight` of shape `[out, in]`.
     pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear::new(self.get_f32(&format!("{prefix}.weight"), &[out, inp])?, out, inp))
+        Ok(Linear::new(self.get_matrix(&[format!("{prefix}.weight")], out, inp)?, out, inp))
     }
 
     /// An RMSNorm `{prefix}.weight` of width `dim`.
