@@ -1,7 +1,8 @@
 //! The matmuls of one V2-Lite decode step, timed alone at several batch sizes: the kernel the model
 //! runs (`mlaserve_kernels::matmul::matmul_wt`, bf16 weights in their checkpoint layout `[out, in]`,
-//! as V2-Lite ships them), beside the same kernel over f32 weights, candle's `Linear` and its quantized Q8_0 `QMatMul` for comparison. Each op cycles through
-//! enough distinct weights that they come from memory, not the cache, as in a real step.
+//! as V2-Lite ships them), beside the same kernel over f32 weights, candle's `Linear` and its
+//! quantized Q8_0 `QMatMul` for comparison. Each op cycles through enough distinct weights that they
+//! come from memory, not the cache, as in a real step.
 //!
 //! `cargo bench -p mlaserve-benches --bench ops [-- --batches 1,2,4,16,64 --iters 20 --only SUBSTRING]`
 
