@@ -29,15 +29,13 @@ const NR: usize = 6;
 const M_BLOCK: usize = 64;
 /// Weight rows per parallel task (a multiple of [`NR`]).
 const N_BLOCK: usize = 8 * NR;
-/// How far ahead of the loads (in bytes) the SIMD loops prefetch the weight rows.
-const PREFETCH_BYTES: usize = 2048;
 
 type Lanes = [f32; LANES];
 
 thread_local! {
-    /// The transposed result of one block, kept between calls: a fresh buffer of this size comes
-    /// from `mmap` and costs a page fault per 4 KiB on every step.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The activation block in panels ([`pack_panels`]), kept between calls: a fresh buffer of
+    /// this size comes from `mmap` and costs a page fault per 4 KiB on every step.
+    static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A weight value type the tiles widen to f32 as they load it. The loads are `#[inline]` because
@@ -121,75 +119,128 @@ pub fn matmul_wt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize
     assert_eq!(w.len(), n * k, "w is not [n, k]");
     let simd = simd();
     let mut y = vec![0f32; m * n];
-    let mut blocks = |yt: &mut Vec<f32>| {
+    let out = Output { y: y.as_mut_ptr(), n };
+    let blocks = |panels: &mut Vec<f32>| {
         for i0 in (0..m).step_by(M_BLOCK) {
             let mb = M_BLOCK.min(m - i0);
             let xb = &x[i0 * k..(i0 + mb) * k];
-            // Transposed result `[n, mb]`, so that each task owns a contiguous slice.
-            yt.resize(yt.len().max(n * mb), 0.0);
-            let yt = &mut yt[..n * mb];
-            yt.par_chunks_mut(N_BLOCK * mb).enumerate().for_each(|(task, yt)| {
-                let j0 = task * N_BLOCK;
-                task_block(simd, xb, &w[j0 * k..(j0 + yt.len() / mb) * k], k, mb, yt);
+            pack_panels(xb, k, panels);
+            let panels = &panels[..];
+            (0..n.div_ceil(N_BLOCK)).into_par_iter().for_each(|task| {
+                let (j0, j1) = (task * N_BLOCK, n.min((task + 1) * N_BLOCK));
+                task_block(simd, xb, panels, &w[j0 * k..j1 * k], k, |i, j, v| {
+                    // Safety: i < mb and j < j1 - j0 index `y: [m, n]`, and only this task
+                    // writes the columns j0..j1.
+                    unsafe { out.write(i0 + i, j0 + j, v) }
+                });
             });
-            for (j, col) in yt.chunks_exact(mb).enumerate() {
-                for (r, v) in col.iter().enumerate() {
-                    y[(i0 + r) * n + j] = *v;
-                }
-            }
         }
     };
     // A nested call on the same thread (from inside a rayon task) gets a buffer of its own.
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut yt) => blocks(&mut yt),
+    PANELS.with(|panels| match panels.try_borrow_mut() {
+        Ok(mut panels) => blocks(&mut panels),
         Err(_) => blocks(&mut Vec::new()),
     });
     y
 }
 
-/// One task: the `nb` weight rows of `w` against the `mb` activation rows of `x`, into
-/// `yt: [nb, mb]`.
-fn task_block<W: WeightElem>(simd: Simd, x: &[f32], w: &[W], k: usize, mb: usize, yt: &mut [f32]) {
-    let nb = w.len() / k;
-    let body = k - k % LANES;
-    // Lanes of element (j, i) at `j * mb + i`.
-    let mut acc = vec![[0f32; LANES]; nb * mb];
-    for jt in (0..nb).step_by(NR) {
-        for it in (0..mb).step_by(MR) {
-            let tile = Tile { x: &x[it * k..], w: &w[jt * k..], k, cols: 0..body };
-            tile.run(simd, MR.min(mb - it), NR.min(nb - jt), &mut acc[jt * mb + it..], mb);
-        }
-    }
-    for (e, (lanes, out)) in acc.iter_mut().zip(yt.iter_mut()).enumerate() {
-        let (j, i) = (e / mb, e % mb);
-        let mut width = LANES;
-        while width > 1 {
-            width /= 2;
-            for l in 0..width {
-                lanes[l] += lanes[l + width];
-            }
-        }
-        let tail: f32 = (body..k).map(|p| x[i * k + p] * w[j * k + p].to_f32()).sum();
-        *out = lanes[0] + tail;
+/// The result, written in place by the tasks (each owns a range of its columns): gathering
+/// per-task results instead cost a serial copy of the whole output, 5 % of a 16-row call.
+#[derive(Clone, Copy)]
+struct Output {
+    y: *mut f32,
+    n: usize,
+}
+
+// Safety: the tasks write disjoint elements, and `y` outlives them.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    /// # Safety
+    /// `(i, j)` is inside the result and no other thread accesses it.
+    unsafe fn write(self, i: usize, j: usize, v: f32) {
+        debug_assert!(j < self.n);
+        // Safety (caller).
+        unsafe { *self.y.add(i * self.n + j) = v }
     }
 }
 
-/// One register tile over the columns `cols` (a multiple of [`LANES`] long): activation rows
-/// starting at `x`, weight rows starting at `w`, both of stride `k`. Adds into `acc`, where the
-/// lanes of element (row r, weight row c) sit at `c * stride + r`.
+/// Copies the lanes part of the activation rows `x: [mb, k]` into panels of [`MR`] rows (the last
+/// padded with zeros), each panel `[k / LANES][MR][LANES]`: a tile then reads its rows as one
+/// sequential stream. Read in place, rows `k` floats apart (8 KiB for k = 2048, like the weight rows)
+/// all fall in the same L1 cache set and evict each other.
+fn pack_panels(x: &[f32], k: usize, panels: &mut Vec<f32>) {
+    let (mb, chunks) = (x.len() / k, k / LANES);
+    panels.clear();
+    panels.resize(mb.div_ceil(MR) * MR * chunks * LANES, 0.0);
+    for (i, row) in x.chunks_exact(k).enumerate() {
+        let panel = &mut panels[(i / MR) * MR * chunks * LANES..];
+        for (q, lanes) in row.chunks_exact(LANES).enumerate() {
+            panel[(q * MR + i % MR) * LANES..][..LANES].copy_from_slice(lanes);
+        }
+    }
+}
+
+/// One task: the weight rows of `w` against the activation rows of `x` (also packed in `panels`);
+/// hands `y[i, j]` to `out(i, j, y)` once each.
+fn task_block<W: WeightElem>(
+    simd: Simd,
+    x: &[f32],
+    panels: &[f32],
+    w: &[W],
+    k: usize,
+    mut out: impl FnMut(usize, usize, f32),
+) {
+    let (mb, nb) = (x.len() / k, w.len() / k);
+    let body = k - k % LANES;
+    for jt in (0..nb).step_by(NR) {
+        for it in (0..mb).step_by(MR) {
+            let tile = Tile { x: &panels[it * body..], w: &w[jt * k..], k, body };
+            let (rows, cols) = (MR.min(mb - it), NR.min(nb - jt));
+            let sums = tile.run(simd, rows, cols);
+            for (r, row) in sums.iter().enumerate().take(rows) {
+                for (c, sum) in row.iter().enumerate().take(cols) {
+                    let (i, j) = (it + r, jt + c);
+                    let tail: f32 = (body..k).map(|p| x[i * k + p] * w[j * k + p].to_f32()).sum();
+                    out(i, j, sum + tail);
+                }
+            }
+        }
+    }
+}
+
+/// The lanes of one output element summed by a fixed tree (lane `l` takes lane `l + width` for width
+/// 8, 4, 2, 1): the order every instruction set follows.
+fn reduce(mut lanes: Lanes) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+    }
+    lanes[0]
+}
+
+/// One register tile over the first `body` columns (a multiple of [`LANES`]): the activation panel
+/// `x` ([`pack_panels`]) against weight rows starting at `w`, of stride `k`. Returns the reduced sum
+/// of element (row r, weight row c) at `[r][c]`; the accumulators never leave the registers.
 struct Tile<'a, W> {
     x: &'a [f32],
     w: &'a [W],
     k: usize,
-    cols: std::ops::Range<usize>,
+    body: usize,
 }
 
+type Sums = [[f32; NR]; MR];
+
 impl<W: WeightElem> Tile<'_, W> {
-    fn run(&self, simd: Simd, rows: usize, cols: usize, acc: &mut [Lanes], stride: usize) {
+    fn run(&self, simd: Simd, rows: usize, cols: usize) -> Sums {
         macro_rules! dispatch {
             ($(($r:literal, $c:literal)),*) => {
                 match (rows, cols) {
-                    $(($r, $c) => self.tile::<$r, $c>(simd, acc, stride),)*
+                    $(($r, $c) => self.tile::<$r, $c>(simd),)*
                     _ => unreachable!("tile {rows}x{cols} exceeds {MR}x{NR}"),
                 }
             };
@@ -219,39 +270,41 @@ impl<W: WeightElem> Tile<'_, W> {
             (4, 4),
             (4, 5),
             (4, 6)
-        );
+        )
     }
 
-    fn tile<const R: usize, const C: usize>(&self, simd: Simd, acc: &mut [Lanes], stride: usize) {
-        assert!(self.x.len() >= (R - 1) * self.k + self.cols.end && self.w.len() >= (C - 1) * self.k + self.cols.end);
-        assert!(acc.len() > (C - 1) * stride + R - 1 && self.cols.len().is_multiple_of(LANES));
-        let mut tile: [[Lanes; C]; R] = std::array::from_fn(|r| std::array::from_fn(|c| acc[c * stride + r]));
+    fn tile<const R: usize, const C: usize>(&self, simd: Simd) -> Sums {
+        assert!(self.x.len() >= self.body * MR && self.w.len() >= (C - 1) * self.k + self.body);
+        assert!(R <= MR && C <= NR && self.body.is_multiple_of(LANES));
+        let mut sums = [[0f32; NR]; MR];
         match simd {
-            // Safety: `simd()` found the features on this CPU, and the asserts above hold R (resp.
-            // C) rows covering `cols`.
+            // Safety: `simd()` found the features on this CPU, and the asserts above hold the panel
+            // and C weight rows covering `body`.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => unsafe { self.avx512(&mut tile) },
+            Simd::Avx512 => unsafe { self.avx512::<R, C>(&mut sums) },
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { self.avx2(&mut tile) },
-            Simd::Portable => self.portable(&mut tile),
+            Simd::Avx2 => unsafe { self.avx2::<R, C>(&mut sums) },
+            Simd::Portable => self.portable::<R, C>(&mut sums),
         }
-        for (r, row) in tile.iter().enumerate() {
-            for (c, lanes) in row.iter().enumerate() {
-                acc[c * stride + r] = *lanes;
-            }
-        }
+        sums
     }
 
-    fn portable<const R: usize, const C: usize>(&self, tile: &mut [[Lanes; C]; R]) {
-        for p in self.cols.clone().step_by(LANES) {
+    fn portable<const R: usize, const C: usize>(&self, sums: &mut Sums) {
+        let mut tile = [[[0f32; LANES]; C]; R];
+        for p in (0..self.body).step_by(LANES) {
             for (r, row) in tile.iter_mut().enumerate() {
-                let xs = &self.x[r * self.k + p..][..LANES];
+                let xs = &self.x[p * MR + r * LANES..][..LANES];
                 for (c, lanes) in row.iter_mut().enumerate() {
                     let ws = &self.w[c * self.k + p..][..LANES];
                     for l in 0..LANES {
                         lanes[l] = xs[l].mul_add(ws[l].to_f32(), lanes[l]);
                     }
                 }
+            }
+        }
+        for (r, row) in tile.iter().enumerate() {
+            for (c, lanes) in row.iter().enumerate() {
+                sums[r][c] = reduce(*lanes);
             }
         }
     }
@@ -263,37 +316,36 @@ impl<W: WeightElem> Tile<'_, W> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn avx512<const R: usize, const C: usize>(&self, tile: &mut [[Lanes; C]; R]) {
+    unsafe fn avx512<const R: usize, const C: usize>(&self, sums: &mut Sums) {
         use std::arch::x86_64::*;
         let (x, w, k) = (self.x.as_ptr(), self.w.as_ptr(), self.k);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
-        let mut ws = [_mm512_setzero_ps(); C];
-        // Safety (caller): rows r < R of x and c < C of w cover `cols`; each lane array holds 16
-        // floats.
+        let mut xs = [_mm512_setzero_ps(); R];
+        // Safety (caller): the panel and rows c < C of w cover `body`.
         unsafe {
-            for r in 0..R {
-                for c in 0..C {
-                    acc[r][c] = _mm512_loadu_ps(tile[r][c].as_ptr());
-                }
-            }
-            for p in self.cols.clone().step_by(LANES) {
-                for c in 0..C {
-                    ws[c] = W::load16_avx512(w.add(c * k + p));
-                    // The weight comes from memory: ask for it before it is needed, so that the
-                    // row's reads overlap the arithmetic (a prefetch past the row does not fault).
-                    let ahead = PREFETCH_BYTES / size_of::<W>();
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * k + p + ahead) as *const i8);
-                }
+            for p in (0..self.body).step_by(LANES) {
                 for r in 0..R {
-                    let xs = _mm512_loadu_ps(x.add(r * k + p));
-                    for c in 0..C {
-                        acc[r][c] = _mm512_fmadd_ps(xs, ws[c], acc[r][c]);
+                    xs[r] = _mm512_loadu_ps(x.add(p * MR + r * LANES));
+                }
+                for c in 0..C {
+                    let ws = W::load16_avx512(w.add(c * k + p));
+                    // The weight comes from memory: ask for the next weight rows now, so that
+                    // they arrive while the tiles over these rows (one per 4 activation rows)
+                    // compute. Into L2, not L1: T0 made 16-row calls 1.3× slower (it evicts the
+                    // activation panel). A prefetch past the weight does not fault.
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((c + NR) * k + p) as *const i8);
+                    for r in 0..R {
+                        acc[r][c] = _mm512_fmadd_ps(xs[r], ws, acc[r][c]);
                     }
                 }
             }
+            // Through memory: reducing the registers with shuffles made the compiler spill the
+            // accumulators inside the loop (it used only 21 of the 32 registers), 2× slower.
+            let mut lanes = [0f32; LANES];
             for r in 0..R {
                 for c in 0..C {
-                    _mm512_storeu_ps(tile[r][c].as_mut_ptr(), acc[r][c]);
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+                    sums[r][c] = reduce(lanes);
                 }
             }
         }
@@ -303,20 +355,16 @@ impl<W: WeightElem> Tile<'_, W> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn avx2<const R: usize, const C: usize>(&self, tile: &mut [[Lanes; C]; R]) {
+    unsafe fn avx2<const R: usize, const C: usize>(&self, sums: &mut Sums) {
         use std::arch::x86_64::*;
         let (x, w, k) = (self.x.as_ptr(), self.w.as_ptr(), self.k);
         // Safety (caller): as for `avx512`.
         unsafe {
             for r in 0..R {
                 let mut acc = [[_mm256_setzero_ps(); 2]; C];
-                for c in 0..C {
-                    acc[c][0] = _mm256_loadu_ps(tile[r][c].as_ptr());
-                    acc[c][1] = _mm256_loadu_ps(tile[r][c].as_ptr().add(8));
-                }
-                for p in self.cols.clone().step_by(LANES) {
-                    let x0 = _mm256_loadu_ps(x.add(r * k + p));
-                    let x1 = _mm256_loadu_ps(x.add(r * k + p + 8));
+                for p in (0..self.body).step_by(LANES) {
+                    let x0 = _mm256_loadu_ps(x.add(p * MR + r * LANES));
+                    let x1 = _mm256_loadu_ps(x.add(p * MR + r * LANES + 8));
                     for c in 0..C {
                         let wc = w.add(c * k + p);
                         acc[c][0] = _mm256_fmadd_ps(x0, W::load8_avx2(wc), acc[c][0]);
@@ -324,8 +372,10 @@ impl<W: WeightElem> Tile<'_, W> {
                     }
                 }
                 for c in 0..C {
-                    _mm256_storeu_ps(tile[r][c].as_mut_ptr(), acc[c][0]);
-                    _mm256_storeu_ps(tile[r][c].as_mut_ptr().add(8), acc[c][1]);
+                    let mut lanes = [0f32; LANES];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c][0]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[c][1]);
+                    sums[r][c] = reduce(lanes);
                 }
             }
         }
@@ -398,17 +448,19 @@ mod tests {
         let x = data(m * k, 0.4);
         let w_bf16: Vec<bf16> = data(n * k, 1.1).into_iter().map(bf16::from_f32).collect();
         let w: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
+        let mut panels = Vec::new();
+        pack_panels(&x, k, &mut panels);
         let mut results = Vec::new();
         for simd in paths {
             let mut yt = vec![0f32; n * m];
-            task_block(simd, &x, &w, k, m, &mut yt);
+            task_block(simd, &x, &panels, &w, k, |i, j, v| yt[j * m + i] = v);
             for (e, v) in yt.iter().enumerate() {
                 let (j, i) = (e / m, e % m);
                 let naive: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
                 assert!((*v as f64 - naive).abs() < 1e-4, "{simd:?} [{i},{j}]: {v} vs {naive}");
             }
             let mut yt_bf16 = vec![0f32; n * m];
-            task_block(simd, &x, &w_bf16, k, m, &mut yt_bf16);
+            task_block(simd, &x, &panels, &w_bf16, k, |i, j, v| yt_bf16[j * m + i] = v);
             assert_eq!(yt, yt_bf16, "{simd:?}: bf16 weights differ from their f32 copy");
             results.push(yt);
         }
