@@ -4,7 +4,8 @@
 //! cost is reading the weight. candle's gemm repacks the weight on every call once there are two or
 //! more rows (5× slower than one row for `lm_head`); this kernel instead streams each weight row from
 //! memory once per block of up to [`M_BLOCK`] activation rows and dots it with those rows while they
-//! sit in cache, in register tiles of [`MR`] activation rows × [`NR`] weight rows.
+//! sit in cache, in register tiles of [`MR`] activation rows × [`NR`] weight rows whose accumulators
+//! stay in registers over the whole of `k`.
 //!
 //! Each output element is accumulated the same way whatever the tile, the block or the number of rows
 //! ([`LANES`] lanes over `k`, in order, a fixed tree over the lanes, then the tail), so a sequence's
@@ -168,8 +169,8 @@ impl Output {
 
 /// Copies the lanes part of the activation rows `x: [mb, k]` into panels of [`MR`] rows (the last
 /// padded with zeros), each panel `[k / LANES][MR][LANES]`: a tile then reads its rows as one
-/// sequential stream. Read in place, rows `k` floats apart (8 KiB for k = 2048, like the weight rows)
-/// all fall in the same L1 cache set and evict each other.
+/// sequential stream (read in place, rows `k` floats apart, 8 KiB for k = 2048, all map to the same
+/// L1 cache set, as the weight rows do).
 fn pack_panels(x: &[f32], k: usize, panels: &mut Vec<f32>) {
     let (mb, chunks) = (x.len() / k, k / LANES);
     panels.clear();
