@@ -3,6 +3,8 @@
 //! Sums use 16 independent lanes so the compiler can vectorise them, and the order depends only on
 //! the vector length: a sequence's result never depends on what else is in the batch.
 
+use rayon::prelude::*;
+
 const LANES: usize = 16;
 
 /// Dot product of two equal-length slices.
@@ -33,6 +35,21 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// SwiGLU over rows `[gate | up]` of `2 * width` values: `silu(gate) * up`, `[rows, width]`.
+/// `silu(v) = v / (1 + e^-v)`, as candle and PyTorch write it. Rows run in parallel: at prefill
+/// sizes (512 rows of 10,944) a single thread takes longer than the matmul that follows.
+pub fn swiglu(gate_up: &[f32], width: usize) -> Vec<f32> {
+    let rows = gate_up.len() / (2 * width);
+    let mut act = vec![0f32; rows * width];
+    act.par_chunks_mut(width).zip(gate_up.par_chunks(2 * width)).with_min_len(8).for_each(|(act, gu)| {
+        let (gate, up) = gu.split_at(width);
+        for ((a, g), u) in act.iter_mut().zip(gate).zip(up) {
+            *a = *g / (1.0 + (-*g).exp()) * *u;
+        }
+    });
+    act
+}
+
 /// In-place numerically stable softmax.
 pub fn softmax_in_place(xs: &mut [f32]) {
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -59,6 +76,14 @@ mod tests {
             let naive: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
             assert!((dot(&a, &b) as f64 - naive).abs() < 1e-5, "n={n}");
         }
+    }
+
+    #[test]
+    fn swiglu_is_silu_gate_times_up_per_row() {
+        let gate_up = [0.5, -2.0, 3.0, 4.0, 0.0, 1.0, 5.0, 2.0];
+        let act = swiglu(&gate_up, 2);
+        let silu = |v: f32| v / (1.0 + (-v).exp());
+        assert_eq!(act, vec![silu(0.5) * 3.0, silu(-2.0) * 4.0, silu(0.0) * 5.0, silu(1.0) * 2.0]);
     }
 
     #[test]

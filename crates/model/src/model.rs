@@ -95,7 +95,9 @@ impl DeepSeek {
             h = (h + attn)?;
             let x = layer.post_attention_layernorm.forward(&h)?;
             let ffn = match &layer.mlp {
-                Ffn::Dense(mlp) => mlp.forward(&x)?,
+                Ffn::Dense(mlp) => {
+                    Tensor::from_vec(mlp.forward_rows(&x.flatten_all()?.to_vec1::<f32>()?), x.dims2()?, &Device::Cpu)?
+                }
                 Ffn::Moe(moe) => moe.forward(&x)?,
             };
             h = (h + ffn)?;

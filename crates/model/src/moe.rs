@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Tensor};
 use mlaserve_kernels::routing::{route, RouterConfig};
+use mlaserve_kernels::vector::swiglu;
 
 use crate::config::MoeConfig;
 use crate::error::Result;
@@ -31,11 +32,9 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up.forward(x)?;
-        let act =
-            (candle_nn::ops::silu(&gate_up.narrow(1, 0, self.width)?)? * gate_up.narrow(1, self.width, self.width)?)?;
-        self.down.forward(&act)
+    /// Row-major `[rows, hidden]` → `[rows, hidden]`.
+    pub fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
+        self.down.forward_rows(&swiglu(&self.gate_up.forward_rows(x), self.width))
     }
 }
 
@@ -73,24 +72,23 @@ impl Moe {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (tokens, hidden) = x.dims2()?;
-        let logits = self.gate.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let logits = self.gate.forward_rows(&xs);
         let routing = route(&self.router, &logits, self.correction_bias.as_deref());
 
-        let mut assigned: Vec<Vec<(u32, f32)>> = vec![Vec::new(); self.experts.len()];
+        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (i, (e, w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
-            assigned[*e as usize].push(((i / routing.top_k) as u32, *w));
+            assigned[*e as usize].push((i / routing.top_k, *w));
         }
         let mut out = match &self.shared {
-            Some(shared) => shared.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
+            Some(shared) => shared.forward_rows(&xs),
             None => vec![0f32; tokens * hidden],
         };
         for (expert, rows) in self.experts.iter().zip(&assigned).filter(|(_, r)| !r.is_empty()) {
-            let idx: Vec<u32> = rows.iter().map(|(t, _)| *t).collect();
-            let ys = expert.forward(&x.index_select(&Tensor::from_vec(idx, rows.len(), &Device::Cpu)?, 0)?)?;
-            let ys = ys.flatten_all()?.to_vec1::<f32>()?;
+            let picked: Vec<f32> = rows.iter().flat_map(|(t, _)| &xs[t * hidden..(t + 1) * hidden]).copied().collect();
+            let ys = expert.forward_rows(&picked);
             for ((token, weight), y) in rows.iter().zip(ys.chunks_exact(hidden)) {
-                let dst = &mut out[*token as usize * hidden..][..hidden];
-                mlaserve_kernels::vector::axpy(*weight, y, dst);
+                mlaserve_kernels::vector::axpy(*weight, y, &mut out[token * hidden..][..hidden]);
             }
         }
         Ok(Tensor::from_vec(out, (tokens, hidden), &Device::Cpu)?)
