@@ -116,33 +116,72 @@ impl WeightElem for bf16 {
 
 /// `y[i, j] = Σ_p x[i, p] · w[j, p]` for `x: [m, k]`, `w: [n, k]`; returns `y: [m, n]`.
 pub fn matmul_wt<W: WeightElem>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), m * k, "x is not [m, k]");
-    assert_eq!(w.len(), n * k, "w is not [n, k]");
+    let mut ys = matmul_wt_grouped(&[Product { x, w, m, k, n }]);
+    ys.pop().expect("one product")
+}
+
+/// One product of [`matmul_wt_grouped`]: `x: [m, k]` against `w: [n, k]`.
+pub struct Product<'a, W> {
+    pub x: &'a [f32],
+    pub w: &'a [W],
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Independent products in one parallel pass, e.g. the experts of a MoE layer over their few rows
+/// each; returns each `y: [m, n]`. One pass keeps both cores streaming weights from the first
+/// product to the last, where a call per product waits for its slowest task and restarts.
+pub fn matmul_wt_grouped<W: WeightElem>(products: &[Product<W>]) -> Vec<Vec<f32>> {
+    for p in products {
+        assert_eq!(p.x.len(), p.m * p.k, "x is not [m, k]");
+        assert_eq!(p.w.len(), p.n * p.k, "w is not [n, k]");
+    }
     let simd = simd();
-    let mut y = vec![0f32; m * n];
-    let out = Output { y: y.as_mut_ptr(), n };
-    let blocks = |panels: &mut Vec<f32>| {
-        for i0 in (0..m).step_by(M_BLOCK) {
-            let mb = M_BLOCK.min(m - i0);
-            let xb = &x[i0 * k..(i0 + mb) * k];
-            pack_panels(xb, k, panels);
-            let panels = &panels[..];
-            (0..n.div_ceil(N_BLOCK)).into_par_iter().for_each(|task| {
-                let (j0, j1) = (task * N_BLOCK, n.min((task + 1) * N_BLOCK));
-                task_block(simd, xb, panels, &w[j0 * k..j1 * k], k, |i, j, v| {
-                    // Safety: i < mb and j < j1 - j0 index `y: [m, n]`, and only this task
-                    // writes the columns j0..j1.
-                    unsafe { out.write(i0 + i, j0 + j, v) }
-                });
-            });
+    let mut ys: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.m * p.n]).collect();
+    let outs: Vec<Output> = ys.iter_mut().zip(products).map(|(y, p)| Output { y: y.as_mut_ptr(), n: p.n }).collect();
+    // Blocks of up to M_BLOCK rows of each product: (product, first row, offset of its panels).
+    let mut blocks = Vec::new();
+    let mut panels_len = 0;
+    for (g, p) in products.iter().enumerate() {
+        for i0 in (0..p.m).step_by(M_BLOCK) {
+            blocks.push((g, i0, panels_len));
+            panels_len += panels_size(M_BLOCK.min(p.m - i0), p.k);
         }
+    }
+    let tasks: Vec<(usize, usize)> = blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(b, &(g, _, _))| (0..products[g].n.div_ceil(N_BLOCK)).map(move |t| (b, t)))
+        .collect();
+    let run = |panels: &mut Vec<f32>| {
+        panels.clear();
+        panels.resize(panels_len, 0.0);
+        for &(g, i0, at) in &blocks {
+            let p = &products[g];
+            let mb = M_BLOCK.min(p.m - i0);
+            pack_panels(&p.x[i0 * p.k..(i0 + mb) * p.k], p.k, &mut panels[at..at + panels_size(mb, p.k)]);
+        }
+        let panels = &panels[..];
+        tasks.par_iter().for_each(|&(b, task)| {
+            let (g, i0, at) = blocks[b];
+            let (p, out) = (&products[g], outs[g]);
+            let (k, mb) = (p.k, M_BLOCK.min(p.m - i0));
+            let (j0, j1) = (task * N_BLOCK, p.n.min((task + 1) * N_BLOCK));
+            let xb = &p.x[i0 * k..(i0 + mb) * k];
+            task_block(simd, xb, &panels[at..], &p.w[j0 * k..j1 * k], k, |i, j, v| {
+                // Safety: i < mb and j < j1 - j0 index this product's `y: [m, n]`, and only this
+                // task writes its columns j0..j1 of these rows.
+                unsafe { out.write(i0 + i, j0 + j, v) }
+            });
+        });
     };
     // A nested call on the same thread (from inside a rayon task) gets a buffer of its own.
     PANELS.with(|panels| match panels.try_borrow_mut() {
-        Ok(mut panels) => blocks(&mut panels),
-        Err(_) => blocks(&mut Vec::new()),
+        Ok(mut panels) => run(&mut panels),
+        Err(_) => run(&mut Vec::new()),
     });
-    y
+    ys
 }
 
 /// The result, written in place by the tasks (each owns a range of its columns): gathering
@@ -167,14 +206,17 @@ impl Output {
     }
 }
 
+/// Floats [`pack_panels`] writes for `mb` rows of `k`.
+fn panels_size(mb: usize, k: usize) -> usize {
+    mb.div_ceil(MR) * MR * (k - k % LANES)
+}
+
 /// Copies the lanes part of the activation rows `x: [mb, k]` into panels of [`MR`] rows (the last
 /// padded with zeros), each panel `[k / LANES][MR][LANES]`: a tile then reads its rows as one
 /// sequential stream (read in place, rows `k` floats apart, 8 KiB for k = 2048, all map to the same
-/// L1 cache set, as the weight rows do).
-fn pack_panels(x: &[f32], k: usize, panels: &mut Vec<f32>) {
-    let (mb, chunks) = (x.len() / k, k / LANES);
-    panels.clear();
-    panels.resize(mb.div_ceil(MR) * MR * chunks * LANES, 0.0);
+/// L1 cache set, as the weight rows do). `panels` holds [`panels_size`] floats, zeroed.
+fn pack_panels(x: &[f32], k: usize, panels: &mut [f32]) {
+    let chunks = k / LANES;
     for (i, row) in x.chunks_exact(k).enumerate() {
         let panel = &mut panels[(i / MR) * MR * chunks * LANES..];
         for (q, lanes) in row.chunks_exact(LANES).enumerate() {
@@ -449,7 +491,7 @@ mod tests {
         let x = data(m * k, 0.4);
         let w_bf16: Vec<bf16> = data(n * k, 1.1).into_iter().map(bf16::from_f32).collect();
         let w: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
-        let mut panels = Vec::new();
+        let mut panels = vec![0f32; panels_size(m, k)];
         pack_panels(&x, k, &mut panels);
         let mut results = Vec::new();
         for simd in paths {
@@ -467,6 +509,19 @@ mod tests {
         }
         // The lanes and their order are the same on every instruction set: so are the bits.
         assert!(results.windows(2).all(|r| r[0] == r[1]), "instruction sets round differently");
+    }
+
+    #[test]
+    fn a_grouped_call_gives_each_product_alone() {
+        let shapes = [(3, 40, 50), (1, 2048, 7), (70, 17, 9), (2, 40, 100)];
+        let data: Vec<(Vec<f32>, Vec<f32>)> =
+            shapes.iter().map(|&(m, k, n)| (data(m * k, m as f32), data(n * k, k as f32))).collect();
+        let products: Vec<Product<f32>> =
+            shapes.iter().zip(&data).map(|(&(m, k, n), (x, w))| Product { x, w, m, k, n }).collect();
+        let grouped = matmul_wt_grouped(&products);
+        for (p, y) in products.iter().zip(&grouped) {
+            assert_eq!(*y, matmul_wt(p.x, p.w, p.m, p.k, p.n), "({}, {}, {})", p.m, p.k, p.n);
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 use half::bf16;
-use mlaserve_kernels::matmul::matmul_wt;
+use mlaserve_kernels::matmul::{matmul_wt, matmul_wt_grouped, Product};
 
 use crate::error::{ModelError, Result};
 
@@ -58,10 +58,37 @@ impl Linear {
 
     /// Row-major `[rows, in]` → `[rows, out]`.
     pub fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
-        let rows = x.len() / self.inp;
         match &self.weight {
-            WeightMatrix::F32(w) => matmul_wt(x, w, rows, self.inp, self.out),
-            WeightMatrix::Bf16(w) => matmul_wt(x, w, rows, self.inp, self.out),
+            WeightMatrix::F32(w) => matmul_wt(x, w, x.len() / self.inp, self.inp, self.out),
+            WeightMatrix::Bf16(w) => matmul_wt(x, w, x.len() / self.inp, self.inp, self.out),
+        }
+    }
+
+    /// Several layers, each over its own rows, in one parallel pass (the experts of a MoE layer):
+    /// [`Linear::forward_rows`] of each.
+    pub fn forward_grouped(calls: &[(&Linear, &[f32])]) -> Vec<Vec<f32>> {
+        let product = |l: &Linear, x: &[f32]| (x.len() / l.inp, l.inp, l.out);
+        let f32s: Option<Vec<Product<f32>>> = calls
+            .iter()
+            .map(|&(l, x)| match &l.weight {
+                WeightMatrix::F32(w) => Some(product(l, x)).map(|(m, k, n)| Product { x, w, m, k, n }),
+                WeightMatrix::Bf16(_) => None,
+            })
+            .collect();
+        if let Some(products) = f32s {
+            return matmul_wt_grouped(&products);
+        }
+        let bf16s: Option<Vec<Product<bf16>>> = calls
+            .iter()
+            .map(|&(l, x)| match &l.weight {
+                WeightMatrix::Bf16(w) => Some(product(l, x)).map(|(m, k, n)| Product { x, w, m, k, n }),
+                WeightMatrix::F32(_) => None,
+            })
+            .collect();
+        match bf16s {
+            Some(products) => matmul_wt_grouped(&products),
+            // Mixed weight types: one pass per layer.
+            None => calls.iter().map(|(l, x)| l.forward_rows(x)).collect(),
         }
     }
 }

@@ -34,7 +34,21 @@ impl Mlp {
 
     /// Row-major `[rows, hidden]` → `[rows, hidden]`.
     pub fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
-        self.down.forward_rows(&swiglu(&self.gate_up.forward_rows(x), self.width))
+        Mlp::forward_grouped(&[(self, x)]).pop().expect("one MLP")
+    }
+
+    /// Several MLPs, each over its own rows, with one parallel pass per projection (gate+up, down):
+    /// [`Mlp::forward_rows`] of each.
+    pub fn forward_grouped(calls: &[(&Mlp, &[f32])]) -> Vec<Vec<f32>> {
+        let gate_up: Vec<(&Linear, &[f32])> = calls.iter().map(|&(mlp, x)| (&mlp.gate_up, x)).collect();
+        let acts: Vec<Vec<f32>> = Linear::forward_grouped(&gate_up)
+            .iter()
+            .zip(calls)
+            .map(|(gate_up, (mlp, _))| swiglu(gate_up, mlp.width))
+            .collect();
+        let down: Vec<(&Linear, &[f32])> =
+            calls.iter().zip(&acts).map(|((mlp, _), act)| (&mlp.down, &act[..])).collect();
+        Linear::forward_grouped(&down)
     }
 }
 
@@ -80,14 +94,25 @@ impl Moe {
         for (i, (e, w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             assigned[*e as usize].push((i / routing.top_k, *w));
         }
+        // The chosen experts and the shared ones all in one grouped pass; the shared output (or
+        // zeros) is the base the experts' weighted rows are added to, in expert order.
+        let chosen: Vec<(&Mlp, &[(usize, f32)])> =
+            self.experts.iter().zip(&assigned).filter(|(_, rows)| !rows.is_empty()).map(|(e, r)| (e, &r[..])).collect();
+        let inputs: Vec<Vec<f32>> = chosen
+            .iter()
+            .map(|(_, rows)| rows.iter().flat_map(|(t, _)| &xs[t * hidden..(t + 1) * hidden]).copied().collect())
+            .collect();
+        let mut calls: Vec<(&Mlp, &[f32])> = chosen.iter().zip(&inputs).map(|((e, _), x)| (*e, &x[..])).collect();
+        if let Some(shared) = &self.shared {
+            calls.push((shared, &xs));
+        }
+        let mut ys = Mlp::forward_grouped(&calls);
         let mut out = match &self.shared {
-            Some(shared) => shared.forward_rows(&xs),
+            Some(_) => ys.pop().expect("the shared experts' output"),
             None => vec![0f32; tokens * hidden],
         };
-        for (expert, rows) in self.experts.iter().zip(&assigned).filter(|(_, r)| !r.is_empty()) {
-            let picked: Vec<f32> = rows.iter().flat_map(|(t, _)| &xs[t * hidden..(t + 1) * hidden]).copied().collect();
-            let ys = expert.forward_rows(&picked);
-            for ((token, weight), y) in rows.iter().zip(ys.chunks_exact(hidden)) {
+        for ((_, rows), y) in chosen.iter().zip(&ys) {
+            for ((token, weight), y) in rows.iter().zip(y.chunks_exact(hidden)) {
                 mlaserve_kernels::vector::axpy(*weight, y, &mut out[token * hidden..][..hidden]);
             }
         }
