@@ -67,28 +67,32 @@ impl Linear {
     /// Several layers, each over its own rows, in one parallel pass (the experts of a MoE layer):
     /// [`Linear::forward_rows`] of each.
     pub fn forward_grouped(calls: &[(&Linear, &[f32])]) -> Vec<Vec<f32>> {
-        let product = |l: &Linear, x: &[f32]| (x.len() / l.inp, l.inp, l.out);
-        let f32s: Option<Vec<Product<f32>>> = calls
-            .iter()
-            .map(|&(l, x)| match &l.weight {
-                WeightMatrix::F32(w) => Some(product(l, x)).map(|(m, k, n)| Product { x, w, m, k, n }),
-                WeightMatrix::Bf16(_) => None,
-            })
-            .collect();
+        let f32s = Linear::products(calls, |w| match w {
+            WeightMatrix::F32(w) => Some(&w[..]),
+            WeightMatrix::Bf16(_) => None,
+        });
         if let Some(products) = f32s {
             return matmul_wt_grouped(&products);
         }
-        let bf16s: Option<Vec<Product<bf16>>> = calls
-            .iter()
-            .map(|&(l, x)| match &l.weight {
-                WeightMatrix::Bf16(w) => Some(product(l, x)).map(|(m, k, n)| Product { x, w, m, k, n }),
-                WeightMatrix::F32(_) => None,
-            })
-            .collect();
+        let bf16s = Linear::products(calls, |w| match w {
+            WeightMatrix::Bf16(w) => Some(&w[..]),
+            WeightMatrix::F32(_) => None,
+        });
         match bf16s {
             Some(products) => matmul_wt_grouped(&products),
             // Mixed weight types: one pass per layer.
             None => calls.iter().map(|(l, x)| l.forward_rows(x)).collect(),
         }
+    }
+
+    /// The calls as the kernel's products, if `weight` finds every layer's weight of its type.
+    fn products<'a, W>(
+        calls: &[(&'a Linear, &'a [f32])],
+        weight: impl Fn(&'a WeightMatrix) -> Option<&'a [W]>,
+    ) -> Option<Vec<Product<'a, W>>> {
+        calls
+            .iter()
+            .map(|&(l, x)| Some(Product { x, w: weight(&l.weight)?, m: x.len() / l.inp, k: l.inp, n: l.out }))
+            .collect()
     }
 }
