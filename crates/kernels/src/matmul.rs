@@ -374,8 +374,8 @@ impl<W: WeightElem> Tile<'_, W> {
                     let ws = W::load16_avx512(w.add(c * k + p));
                     // The weight comes from memory: ask for the next weight rows now, so that
                     // they arrive while the tiles over these rows (one per 4 activation rows)
-                    // compute. Into L2, not L1: T0 made 16-row calls 1.3× slower (it evicts the
-                    // activation panel). A prefetch past the weight does not fault.
+                    // compute. Into L2, not L1: T0 made 16-row calls 1.3× slower. A prefetch
+                    // past the weight does not fault.
                     _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((c + NR) * k + p) as *const i8);
                     for r in 0..R {
                         acc[r][c] = _mm512_fmadd_ps(xs[r], ws, acc[r][c]);
