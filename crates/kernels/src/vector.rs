@@ -36,8 +36,8 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// SwiGLU over rows `[gate | up]` of `2 * width` values: `silu(gate) * up`, `[rows, width]`.
-/// `silu(v) = v / (1 + e^-v)`, as candle and PyTorch write it. Rows run in parallel: at prefill
-/// sizes (512 rows of 10,944) a single thread takes longer than the matmul that follows.
+/// `silu(v) = v / (1 + e^-v)`, as candle writes it (the same bits as the candle ops it replaced).
+/// Rows run in parallel: a 512-token prefill step gives the dense layer 5.6 M values.
 pub fn swiglu(gate_up: &[f32], width: usize) -> Vec<f32> {
     let rows = gate_up.len() / (2 * width);
     let mut act = vec![0f32; rows * width];
