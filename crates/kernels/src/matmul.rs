@@ -382,15 +382,16 @@ impl<W: WeightElem> Tile<'_, W> {
                     }
                 }
             }
-            // Through memory: reducing the registers with shuffles made the compiler spill the
-            // accumulators inside the loop (it used only 21 of the 32 registers), 2× slower.
-            let mut lanes = [0f32; LANES];
+            // Through memory and a call: reducing the registers with shuffles here made the
+            // compiler spill the accumulators inside the loop (it used only 21 of the 32
+            // registers), 2× slower.
+            let mut lanes = [[[0f32; LANES]; C]; R];
             for r in 0..R {
                 for c in 0..C {
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
-                    sums[r][c] = reduce(lanes);
+                    _mm512_storeu_ps(lanes[r][c].as_mut_ptr(), acc[r][c]);
                 }
             }
+            reduce_avx512(&lanes, sums);
         }
     }
 
@@ -421,6 +422,26 @@ impl<W: WeightElem> Tile<'_, W> {
                     sums[r][c] = reduce(lanes);
                 }
             }
+        }
+    }
+}
+
+/// [`reduce`] of each element's lanes with shuffles: the same additions in the same order. Not
+/// inlined, so that it cannot change how the tile loop keeps its accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+fn reduce_avx512<const R: usize, const C: usize>(lanes: &[[Lanes; C]; R], sums: &mut Sums) {
+    use std::arch::x86_64::*;
+    for r in 0..R {
+        for c in 0..C {
+            // Safety: each lane array holds 16 floats.
+            let v = unsafe { _mm512_loadu_ps(lanes[r][c].as_ptr()) };
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let v8 = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+            let v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps::<1>(v8));
+            let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+            sums[r][c] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps::<1>(v2, v2)));
         }
     }
 }
