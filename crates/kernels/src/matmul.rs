@@ -51,13 +51,21 @@ pub trait WeightElem: Copy + Send + Sync {
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16_avx512(p: *const Self) -> std::arch::x86_64::__m512;
 
-    /// Eight values from `p`, widened.
+    /// The order in which [`WeightElem::load8_avx2`] splits sixteen values into two 8-lane halves;
+    /// the activation panels are packed in the same order, so that each lane still sums the same
+    /// products as on the other instruction sets.
+    const AVX2_ORDER: [usize; LANES];
+
+    /// Half `H` (0 or 1) of the sixteen values at `p` in [`WeightElem::AVX2_ORDER`], widened.
     ///
     /// # Safety
-    /// `p` points to 8 readable values and the CPU has AVX2.
+    /// `p` points to 16 readable values and the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load8_avx2(p: *const Self) -> std::arch::x86_64::__m256;
+    unsafe fn load8_avx2<const H: usize>(p: *const Self) -> std::arch::x86_64::__m256;
 }
+
+/// Values in memory order.
+const NATURAL: [usize; LANES] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 
 impl WeightElem for f32 {
     #[inline]
@@ -73,12 +81,14 @@ impl WeightElem for f32 {
         unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 
+    const AVX2_ORDER: [usize; LANES] = NATURAL;
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn load8_avx2(p: *const f32) -> std::arch::x86_64::__m256 {
-        // Safety (caller): 8 floats at `p`.
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    unsafe fn load8_avx2<const H: usize>(p: *const f32) -> std::arch::x86_64::__m256 {
+        // Safety (caller): 16 floats at `p`.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p.add(8 * H)) }
     }
 }
 
@@ -101,16 +111,23 @@ impl WeightElem for bf16 {
         }
     }
 
+    /// Even values first, then odd ones: each 32-bit lane holds a pair, the even value in its low
+    /// half (shifted up) and the odd one in its high half (masked), one instruction per half
+    /// instead of a widening and a shift.
+    const AVX2_ORDER: [usize; LANES] = [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15];
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn load8_avx2(p: *const bf16) -> std::arch::x86_64::__m256 {
+    unsafe fn load8_avx2<const H: usize>(p: *const bf16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        // Safety (caller): 8 bf16 (16 bytes) at `p`.
-        unsafe {
-            let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits))
-        }
+        // Safety (caller): 16 bf16 (32 bytes) at `p`.
+        let pairs = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        let half = match H {
+            0 => _mm256_slli_epi32::<16>(pairs),
+            _ => _mm256_and_si256(pairs, _mm256_set1_epi32(0xffff_0000u32 as i32)),
+        };
+        _mm256_castsi256_ps(half)
     }
 }
 
@@ -160,7 +177,8 @@ pub fn matmul_wt_grouped<W: WeightElem>(products: &[Product<W>]) -> Vec<Vec<f32>
         for &(g, i0, at) in &blocks {
             let p = &products[g];
             let mb = M_BLOCK.min(p.m - i0);
-            pack_panels(&p.x[i0 * p.k..(i0 + mb) * p.k], p.k, &mut panels[at..at + panels_size(mb, p.k)]);
+            let x = &p.x[i0 * p.k..(i0 + mb) * p.k];
+            pack_panels(x, p.k, simd.lane_order::<W>(), &mut panels[at..at + panels_size(mb, p.k)]);
         }
         let panels = &panels[..];
         tasks.par_iter().for_each(|&(b, task)| {
@@ -212,15 +230,19 @@ fn panels_size(mb: usize, k: usize) -> usize {
 }
 
 /// Copies the lanes part of the activation rows `x: [mb, k]` into panels of [`MR`] rows (the last
-/// padded with zeros), each panel `[k / LANES][MR][LANES]`: a tile then reads its rows as one
-/// sequential stream (read in place, rows `k` floats apart, 8 KiB for k = 2048, all map to the same
-/// L1 cache set, as the weight rows do). `panels` holds [`panels_size`] floats, zeroed.
-fn pack_panels(x: &[f32], k: usize, panels: &mut [f32]) {
+/// padded with zeros), each panel `[k / LANES][MR][LANES]`, each group of [`LANES`] values in the
+/// `order` the tile loads the weight in: a tile then reads its rows as one sequential stream (read
+/// in place, rows `k` floats apart, 8 KiB for k = 2048, all map to the same L1 cache set, as the
+/// weight rows do). `panels` holds [`panels_size`] floats, zeroed.
+fn pack_panels(x: &[f32], k: usize, order: [usize; LANES], panels: &mut [f32]) {
     let chunks = k / LANES;
     for (i, row) in x.chunks_exact(k).enumerate() {
         let panel = &mut panels[(i / MR) * MR * chunks * LANES..];
         for (q, lanes) in row.chunks_exact(LANES).enumerate() {
-            panel[(q * MR + i % MR) * LANES..][..LANES].copy_from_slice(lanes);
+            let dst = &mut panel[(q * MR + i % MR) * LANES..][..LANES];
+            for (d, &l) in dst.iter_mut().zip(&order) {
+                *d = lanes[l];
+            }
         }
     }
 }
@@ -395,31 +417,72 @@ impl<W: WeightElem> Tile<'_, W> {
         }
     }
 
-    /// Two 8-lane registers per element, one activation row at a time (16 registers hold no more).
+    /// AVX2 has 16 registers: the tile runs as sub-tiles of up to 2 activation rows × 3 weight rows,
+    /// each element's lanes in two 8-lane registers (12 accumulators), so that each weight load and
+    /// widening feeds two rows. Over the sub-tiles the weight rows stay in cache.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const R: usize, const C: usize>(&self, sums: &mut Sums) {
+        for c0 in (0..C).step_by(3) {
+            for r0 in (0..R).step_by(2) {
+                // Safety (caller): as for `avx512`; the sub-tile lies inside the R×C tile.
+                unsafe {
+                    match ((R - r0).min(2), (C - c0).min(3)) {
+                        (1, 1) => self.avx2_sub::<1, 1>(r0, c0, sums),
+                        (1, 2) => self.avx2_sub::<1, 2>(r0, c0, sums),
+                        (1, 3) => self.avx2_sub::<1, 3>(r0, c0, sums),
+                        (2, 1) => self.avx2_sub::<2, 1>(r0, c0, sums),
+                        (2, 2) => self.avx2_sub::<2, 2>(r0, c0, sums),
+                        (2, 3) => self.avx2_sub::<2, 3>(r0, c0, sums),
+                        _ => unreachable!(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + R` against weight rows `c0..c0 + C`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn avx2<const R: usize, const C: usize>(&self, sums: &mut Sums) {
+    unsafe fn avx2_sub<const R: usize, const C: usize>(&self, r0: usize, c0: usize, sums: &mut Sums) {
         use std::arch::x86_64::*;
-        let (x, w, k) = (self.x.as_ptr(), self.w.as_ptr(), self.k);
-        // Safety (caller): as for `avx512`.
+        let (x, k) = (self.x.as_ptr(), self.k);
+        let w = self.w.as_ptr().wrapping_add(c0 * k);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+        let mut xs = [_mm256_setzero_ps(); R];
+        // Safety (caller): the panel and weight rows c0 + c < C of the tile cover `body`.
         unsafe {
-            for r in 0..R {
-                let mut acc = [[_mm256_setzero_ps(); 2]; C];
-                for p in (0..self.body).step_by(LANES) {
-                    let x0 = _mm256_loadu_ps(x.add(p * MR + r * LANES));
-                    let x1 = _mm256_loadu_ps(x.add(p * MR + r * LANES + 8));
-                    for c in 0..C {
-                        let wc = w.add(c * k + p);
-                        acc[c][0] = _mm256_fmadd_ps(x0, W::load8_avx2(wc), acc[c][0]);
-                        acc[c][1] = _mm256_fmadd_ps(x1, W::load8_avx2(wc.add(8)), acc[c][1]);
-                    }
+            for p in (0..self.body).step_by(LANES) {
+                for r in 0..R {
+                    xs[r] = _mm256_loadu_ps(x.add(p * MR + (r0 + r) * LANES));
                 }
                 for c in 0..C {
+                    let ws = W::load8_avx2::<0>(w.add(c * k + p));
+                    for r in 0..R {
+                        acc[r][c][0] = _mm256_fmadd_ps(xs[r], ws, acc[r][c][0]);
+                    }
+                }
+                for r in 0..R {
+                    xs[r] = _mm256_loadu_ps(x.add(p * MR + (r0 + r) * LANES + 8));
+                }
+                for c in 0..C {
+                    let ws = W::load8_avx2::<1>(w.add(c * k + p));
+                    for r in 0..R {
+                        acc[r][c][1] = _mm256_fmadd_ps(xs[r], ws, acc[r][c][1]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    let mut ordered = [0f32; LANES];
+                    _mm256_storeu_ps(ordered.as_mut_ptr(), acc[r][c][0]);
+                    _mm256_storeu_ps(ordered.as_mut_ptr().add(8), acc[r][c][1]);
                     let mut lanes = [0f32; LANES];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[c][0]);
-                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[c][1]);
-                    sums[r][c] = reduce(lanes);
+                    for (&l, v) in W::AVX2_ORDER.iter().zip(ordered) {
+                        lanes[l] = v;
+                    }
+                    sums[r0 + r][c0 + c] = reduce(lanes);
                 }
             }
         }
@@ -454,6 +517,17 @@ enum Simd {
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
+}
+
+impl Simd {
+    /// The order the tiles of this instruction set load weights of type `W` in ([`pack_panels`]).
+    fn lane_order<W: WeightElem>(self) -> [usize; LANES] {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => W::AVX2_ORDER,
+            _ => NATURAL,
+        }
+    }
 }
 
 fn simd() -> Simd {
@@ -512,19 +586,22 @@ mod tests {
         let x = data(m * k, 0.4);
         let w_bf16: Vec<bf16> = data(n * k, 1.1).into_iter().map(bf16::from_f32).collect();
         let w: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
-        let mut panels = vec![0f32; panels_size(m, k)];
-        pack_panels(&x, k, &mut panels);
+        let panels = |order| {
+            let mut panels = vec![0f32; panels_size(m, k)];
+            pack_panels(&x, k, order, &mut panels);
+            panels
+        };
         let mut results = Vec::new();
         for simd in paths {
             let mut yt = vec![0f32; n * m];
-            task_block(simd, &x, &panels, &w, k, |i, j, v| yt[j * m + i] = v);
+            task_block(simd, &x, &panels(simd.lane_order::<f32>()), &w, k, |i, j, v| yt[j * m + i] = v);
             for (e, v) in yt.iter().enumerate() {
                 let (j, i) = (e / m, e % m);
                 let naive: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
                 assert!((*v as f64 - naive).abs() < 1e-4, "{simd:?} [{i},{j}]: {v} vs {naive}");
             }
             let mut yt_bf16 = vec![0f32; n * m];
-            task_block(simd, &x, &panels, &w_bf16, k, |i, j, v| yt_bf16[j * m + i] = v);
+            task_block(simd, &x, &panels(simd.lane_order::<bf16>()), &w_bf16, k, |i, j, v| yt_bf16[j * m + i] = v);
             assert_eq!(yt, yt_bf16, "{simd:?}: bf16 weights differ from their f32 copy");
             results.push(yt);
         }
